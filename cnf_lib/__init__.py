@@ -1,0 +1,30 @@
+"""cnf_lib: continuous normalizing flows for the ScNormFlows book.
+
+Modules (one idea each):
+
+* :mod:`cnf_lib.trace` — exact divergence and Hutchinson's estimator;
+* :mod:`cnf_lib.fields` — time-conditioned vector fields (ConcatSquash MLP);
+* :mod:`cnf_lib.cnf` — the :class:`CNF` (log-density, sampling, encode/decode, trajectories);
+* :mod:`cnf_lib.train` — the seeded, resumable :class:`Trainer`;
+* :mod:`cnf_lib.datasets` — 2-D toys with their true densities, standardization, input checks;
+* :mod:`cnf_lib.metrics` — NLL, Wasserstein distances, MMD, OT interpolation;
+* :mod:`cnf_lib.plot` — densities, samples, trajectories, vector fields, animations.
+"""
+
+from .cnf import CNF, FlowResult, SolverError, SolverSettings, standard_normal_log_prob
+from .fields import ConcatSquashMLP, LinearField
+from .train import TrainConfig, Trainer, TrainingError
+
+__all__ = [
+    "CNF",
+    "ConcatSquashMLP",
+    "FlowResult",
+    "LinearField",
+    "SolverError",
+    "SolverSettings",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "standard_normal_log_prob",
+]
+__version__ = "0.1.0"

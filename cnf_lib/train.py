@@ -1,0 +1,318 @@
+"""Training a CNF by maximum likelihood: seeded, resumable, with progress and a history.
+
+One :class:`Trainer` owns the model, the optimizer, a random generator (mini-batches and
+Hutchinson probes) and the history. The learning rate follows a cosine from ``lr`` to
+``lr_final`` over ``iterations``, computed from the iteration number, so a run can stop and
+resume anywhere. A checkpoint holds everything that decides the next iteration (parameters,
+Adam's moments, the generator's state, the iteration, the history): ``N`` iterations, save,
+load, ``M`` more gives the same parameters and losses as ``N + M`` in one run, on a CPU exactly.
+
+The loss of one iteration on a batch ``x`` is::
+
+    -mean log p(x) + kinetic * mean ∫‖f‖² dt + frobenius * mean ∫‖∂f/∂x‖²_F dt
+
+(the regularizers of RNODE, Finlay et al. 2020, integrated as extra ODE states).
+
+A non-finite loss or a solver failure stops training with :class:`TrainingError`, which says
+what happened and what to try; the parameters are those of the last good iteration, and the
+history and (with ``checkpoint_path``) a checkpoint of that state are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .cnf import CNF, SolverError
+from .datasets import check_points
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
+CHECKPOINT_VERSION = 1
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss or a solver failure. The message says what to try."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run.
+
+    Attributes:
+        iterations: total number of optimizer steps (the cosine schedule spans them).
+        batch_size: points per step (capped at the training-set size).
+        lr, lr_final: learning rate at the start and at the end of the cosine decay.
+        kinetic, frobenius: weights of the RNODE regularizers (0 turns them off).
+        eval_every: held-out NLL every this many iterations (0: only at the end).
+        eval_settings: solver settings for held-out evaluation (exact trace, tight tolerance).
+        checkpoint_every: save a checkpoint every this many iterations (needs a path; 0: never).
+        seed: seeds the trainer's generator (batches, probes) and, when the trainer builds
+            nothing else, makes the run reproducible.
+        grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        train_settings: solver settings for the training solves (override the model's).
+    """
+
+    iterations: int = 500
+    batch_size: int = 512
+    lr: float = 5e-3
+    lr_final: float = 5e-4
+    kinetic: float = 0.0
+    frobenius: float = 0.0
+    eval_every: int = 100
+    eval_settings: dict[str, Any] = field(
+        default_factory=lambda: dict(trace="exact", rtol=1e-5, atol=1e-5)
+    )
+    checkpoint_every: int = 0
+    seed: int = 0
+    grad_clip: float | None = None
+    train_settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ValueError(f"iterations must be >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
+        if not (self.lr > 0 and self.lr_final > 0):
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, lr_final={self.lr_final}")
+
+    def lr_at(self, iteration: int) -> float:
+        """The cosine-decayed learning rate of (0-based) ``iteration``."""
+        frac = min(iteration / max(self.iterations, 1), 1.0)
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * frac))
+
+
+class Trainer:
+    """Trains a :class:`~cnf_lib.cnf.CNF` by maximum likelihood.
+
+    Arguments:
+        model: the CNF.
+        train_data: a tensor of training points (n, D), or a sampler ``(n, generator) -> (n, D)``
+            that draws fresh points (the 2-D toys' ``sample``).
+        test_data: held-out points (m, D) for the NLL at intervals, or ``None``.
+        config: a :class:`TrainConfig` (or pass its fields as keyword arguments).
+        checkpoint_path: where checkpoints are written (and read by :meth:`resume`).
+        progress: show a tqdm bar with the loss and the NFE.
+
+    Attributes:
+        history: lists per iteration (``iteration``, ``loss``, ``nll``, ``nfe_forward``,
+            ``nfe_backward``, ``time``, ``lr``) and per evaluation (``eval_iteration``,
+            ``test_nll``, ``eval_nfe``).
+        iteration: iterations done.
+    """
+
+    def __init__(
+        self,
+        model: CNF,
+        train_data: Tensor | Sampler,
+        test_data: Tensor | None = None,
+        config: TrainConfig | None = None,
+        *,
+        checkpoint_path: str | os.PathLike | None = None,
+        progress: bool = True,
+        **config_fields: Any,
+    ) -> None:
+        if config is not None and config_fields:
+            raise ValueError("pass either config= or its fields as keyword arguments, not both")
+        self.config = config if config is not None else TrainConfig(**config_fields)
+        self.model = model
+        if callable(train_data) and not isinstance(train_data, Tensor):
+            self.sampler: Sampler | None = train_data
+            self.train_data: Tensor | None = None
+        else:
+            self.sampler = None
+            self.train_data = check_points(train_data, "train_data", dim=model.dim)
+        self.test_data = None if test_data is None else check_points(test_data, "test_data", dim=model.dim)
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.progress = progress
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
+        self.iteration = 0
+        self.history: dict[str, list[float]] = {
+            k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "lr",
+                            "eval_iteration", "test_nll", "eval_nfe")
+        }
+
+    # -- one step -------------------------------------------------------------------------------
+    def _batch(self) -> Tensor:
+        b = self.config.batch_size
+        if self.sampler is not None:
+            return check_points(self.sampler(b, self.generator), "sampled batch", dim=self.model.dim)
+        n = self.train_data.shape[0]
+        if b >= n:
+            return self.train_data
+        idx = torch.randperm(n, generator=self.generator)[:b]
+        return self.train_data[idx]
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step; returns its loss, NLL and NFE."""
+        cfg = self.config
+        lr = cfg.lr_at(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = self._batch()
+        regularize = cfg.kinetic > 0 or cfg.frobenius > 0
+        self.model.train()
+        try:
+            logp, res = self.model.log_prob_result(
+                x, regularize=regularize, generator=self.generator, **cfg.train_settings
+            )
+        except SolverError as err:
+            raise TrainingError(f"iteration {self.iteration}: {err}") from err
+        nll = -logp.mean()
+        loss = nll
+        if regularize:
+            loss = loss + cfg.kinetic * res.kinetic.mean() + cfg.frobenius * res.frobenius.mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"iteration {self.iteration}: the loss is {loss.item()} (not finite). The parameters are "
+                "those of the last good iteration. Try a smaller lr, grad_clip=1.0, kinetic/frobenius "
+                "regularization, or check the data for huge values (standardize it)."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        return dict(loss=loss.item(), nll=nll.item(), nfe_forward=res.nfe_forward,
+                    nfe_backward=res.nfe_backward, lr=lr)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict[str, list[float]]:
+        """Train until iteration ``until`` (default: ``config.iterations``); returns the history.
+
+        Raises:
+            TrainingError: on a non-finite loss or a solver failure (history and checkpoint kept).
+            KeyboardInterrupt: re-raised after saving a checkpoint (when a path is set).
+        """
+        cfg = self.config
+        until = cfg.iterations if until is None else min(int(until), cfg.iterations)
+        elapsed = self.history["time"][-1] if self.history["time"] else 0.0
+        bar = tqdm(total=until, initial=self.iteration, disable=not self.progress,
+                   desc="training", mininterval=1.0, leave=True)
+        try:
+            while self.iteration < until:
+                start = time.perf_counter()
+                try:
+                    rec = self.step()
+                except TrainingError:
+                    if self.checkpoint_path is not None:
+                        self.save(self.checkpoint_path)
+                    raise
+                elapsed += time.perf_counter() - start
+                self.iteration += 1
+                h = self.history
+                h["iteration"].append(self.iteration)
+                h["time"].append(elapsed)
+                for k in ("loss", "nll", "nfe_forward", "nfe_backward", "lr"):
+                    h[k].append(rec[k])
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", nfe=f"{rec['nfe_forward']}+{rec['nfe_backward']}",
+                                refresh=False)
+                last = self.iteration == cfg.iterations
+                if self.test_data is not None and (
+                    (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
+                ):
+                    self.evaluate()
+                if self.checkpoint_path is not None and (
+                    (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
+                ):
+                    self.save(self.checkpoint_path)
+        except KeyboardInterrupt:
+            if self.checkpoint_path is not None:
+                self.save(self.checkpoint_path)
+            raise
+        finally:
+            bar.close()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, data: Tensor | None = None) -> float:
+        """Held-out NLL with ``config.eval_settings`` (recorded in the history when ``data`` is None)."""
+        record = data is None
+        data = self.test_data if data is None else check_points(data, "data", dim=self.model.dim)
+        if data is None:
+            raise ValueError("no test_data was given to the Trainer and none passed to evaluate()")
+        self.model.eval()
+        logp, res = self.model.log_prob_result(data, generator=self.generator, **self.config.eval_settings)
+        value = -logp.mean().item()
+        if record:
+            self.history["eval_iteration"].append(self.iteration)
+            self.history["test_nll"].append(value)
+            self.history["eval_nfe"].append(res.nfe_forward)
+        return value
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the next iteration, as plain values and tensors."""
+        return dict(
+            format=CHECKPOINT_FORMAT,
+            version=CHECKPOINT_VERSION,
+            iteration=self.iteration,
+            config=asdict(self.config),
+            model_config=self.model.config(),
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            generator=self.generator.get_state(),
+            history=self.history,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint atomically (a killed process never leaves a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; a checkpoint of another model or run fails clearly."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a cnf_lib trainer checkpoint (its 'format' field is missing or different)")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"checkpoint format version {state.get('version')} is not supported (this cnf_lib reads "
+                f"version {CHECKPOINT_VERSION})"
+            )
+        mine, theirs = self.model.config(), state["model_config"]
+        if theirs["dim"] != mine["dim"] or tuple(theirs["hidden"]) != tuple(mine["hidden"]):
+            raise ValueError(
+                f"checkpoint is for a model with dim={theirs['dim']}, hidden={tuple(theirs['hidden'])}; "
+                f"this model has dim={mine['dim']}, hidden={tuple(mine['hidden'])}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint parameters do not fit this model: {err}") from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.history = {k: list(v) for k, v in state["history"].items()}
+
+    def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
+        """Load a checkpoint (default: ``checkpoint_path``) written by :meth:`save`; returns self.
+
+        The checkpoint is read with ``weights_only=True``: loading never executes code.
+        """
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint path: pass one or set checkpoint_path")
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign files fail in many ways inside torch
+            raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({err})") from err
+        self.load_state_dict(state)
+        return self

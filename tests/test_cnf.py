@@ -1,0 +1,189 @@
+"""cnf_lib.cnf: log-densities against closed forms, round trips, settings, NFE, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cnf_lib.cnf as cnf_module
+from cnf_lib import CNF, SolverError
+from cnf_lib.cnf import standard_normal_log_prob
+from cnf_lib.fields import LinearField
+
+TIGHT = dict(rtol=1e-8, atol=1e-8)
+
+
+def gaussian_log_prob(x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.MultivariateNormal(torch.zeros(cov.shape[0], dtype=cov.dtype), cov).log_prob(x)
+
+
+@pytest.fixture
+def A() -> torch.Tensor:
+    return 0.5 * torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_linear_cnf_density_is_the_pushforward_gaussian(A: torch.Tensor, trace: str) -> None:
+    # z ~ N(0, I) at t = 0, x = exp(t1 A) z, so x ~ N(0, M Mᵀ) with M = exp(t1 A).
+    t1 = 0.8
+    model = CNF(3, field=LinearField(A), t1=t1, trace=trace, **TIGHT).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    M = torch.linalg.matrix_exp(t1 * A)
+    expected = gaussian_log_prob(x, M @ M.T)
+    # Hutchinson is exact for this field only in expectation; with the exact trace it is exact.
+    got = model.log_prob(x, trace="exact")
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_delta_logp_of_linear_field_is_minus_t_trace(A: torch.Tensor) -> None:
+    model = CNF(3, field=LinearField(A), **TIGHT).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for t in (0.3, 1.0, 2.0):
+        res = model.flow(x, t, 0.0)
+        torch.testing.assert_close(res.delta_logp, torch.full((5,), -t * A.trace().item(), dtype=torch.float64))
+
+
+def test_hutchinson_log_prob_is_unbiased_on_linear_field(A: torch.Tensor) -> None:
+    model = CNF(3, field=LinearField(A), trace="hutchinson", probe="gaussian", **TIGHT).double()
+    x = torch.randn(1, 3, dtype=torch.float64).expand(20_000, 3)
+    exact = model.log_prob(x[:1], trace="exact")
+    est = model.log_prob(x, generator=torch.Generator().manual_seed(0))
+    se = est.std().item() / math.sqrt(est.numel())
+    assert abs(est.mean().item() - exact.item()) < 4 * se
+    assert est.std().item() > 0  # it is an estimate, not the exact value
+
+
+def test_regularizers_on_scaled_identity_have_closed_forms() -> None:
+    a, t, D = 0.7, 1.3, 2
+    model = CNF(D, field=LinearField(a * torch.eye(D, dtype=torch.float64)), t1=t, **TIGHT).double()
+    x = torch.randn(6, D, dtype=torch.float64)
+    _, res = model.log_prob_result(x, regularize=True)
+    # backwards from x at t: x(s) = exp(a (s - t)) x, so ∫_0^t ‖a x(s)‖² ds = a ‖x‖² (1 - e^{-2at}) / 2
+    kinetic = a * x.pow(2).sum(1) * (1 - math.exp(-2 * a * t)) / 2
+    torch.testing.assert_close(res.kinetic, kinetic, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(res.frobenius, torch.full((6,), a * a * D * t, dtype=torch.float64))
+
+
+def test_hutchinson_frobenius_regularizer_is_unbiased(A: torch.Tensor) -> None:
+    model = CNF(3, field=LinearField(A), trace="hutchinson", probe="rademacher", **TIGHT).double()
+    x = torch.randn(1, 3, dtype=torch.float64).expand(20_000, 3)
+    _, res = model.log_prob_result(x, regularize=True, generator=torch.Generator().manual_seed(1))
+    exact = model.log_prob_result(x[:1], regularize=True, trace="exact")[1].frobenius
+    se = res.frobenius.std().item() / math.sqrt(res.frobenius.numel())
+    assert abs(res.frobenius.mean().item() - exact.item()) < 4 * se
+
+
+def test_encode_decode_round_trip_shrinks_with_tolerance() -> None:
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(32, 32), activation="tanh").double()
+    x = torch.randn(200, 2, dtype=torch.float64)
+    errors = []
+    for tol in (1e-3, 1e-6, 1e-9):
+        back = model.decode(model.encode(x, rtol=tol, atol=tol), rtol=tol, atol=tol)
+        errors.append((back - x).abs().max().item())
+    assert errors[-1] < 1e-6
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_probe_is_fixed_within_a_solve_and_redrawn_between(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []
+    original = cnf_module.divergence_hutchinson
+
+    def spy(f, x, probe, create_graph=True):
+        seen.append(probe.clone())
+        return original(f, x, probe, create_graph)
+
+    monkeypatch.setattr(cnf_module, "divergence_hutchinson", spy)
+    model = CNF(2, hidden=(16,), trace="hutchinson")
+    x = torch.randn(10, 2)
+    g = torch.Generator().manual_seed(0)
+    model.log_prob(x, generator=g)
+    first = list(seen)
+    seen.clear()
+    model.log_prob(x, generator=g)
+    assert len(first) > 2 and all(torch.equal(p, first[0]) for p in first)
+    assert all(torch.equal(p, seen[0]) for p in seen)
+    assert not torch.equal(first[0], seen[0])
+    seen.clear()
+    model.log_prob(x, generator=g, redraw_probe=True)
+    assert not all(torch.equal(p, seen[0]) for p in seen)
+
+
+def test_per_call_overrides_do_not_change_the_model(A: torch.Tensor) -> None:
+    model = CNF(3, field=LinearField(A), trace="hutchinson", rtol=1e-3, atol=1e-3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    a = model.log_prob(x, trace="exact", rtol=1e-7, atol=1e-7)
+    b = model.log_prob(x, trace="exact", rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(a, b)
+    assert model.settings.trace == "hutchinson" and model.settings.rtol == 1e-3
+    with pytest.raises(ValueError, match="unknown solver setting"):
+        model.log_prob(x, tolerance=1e-3)
+    with pytest.raises(ValueError, match="unknown trace"):
+        model.log_prob(x, trace="approximate")
+
+
+def test_sample_trajectory_and_decode_agree() -> None:
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(16, 16))
+    s1 = model.sample(50, generator=torch.Generator().manual_seed(4))
+    s2 = model.sample(50, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(s1, s2)
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(4))
+    traj = model.trajectory(z, torch.linspace(0, 1, 5))
+    assert traj.shape == (5, 50, 2)
+    torch.testing.assert_close(traj[0], z)
+    torch.testing.assert_close(traj[-1], s1, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="monotone|increasing"):
+        model.trajectory(z, [0.0, 0.5, 0.2])
+
+
+def test_adjoint_gradients_equal_direct_gradients_and_count_backward_nfe() -> None:
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(16, 16), rtol=1e-7, atol=1e-7).double()
+    x = torch.randn(32, 2, dtype=torch.float64)
+    grads, nfe_b = [], []
+    for adjoint in (False, True):
+        model.zero_grad()
+        logp, res = model.log_prob_result(x, adjoint=adjoint)
+        (-logp.mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        nfe_b.append(res.nfe_backward)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+    assert nfe_b[0] == 0 and nfe_b[1] > 0
+
+
+def test_standard_normal_log_prob() -> None:
+    z = torch.randn(10, 4, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    torch.testing.assert_close(standard_normal_log_prob(z), expected)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.randn(5), "2-D|shape"),
+        (torch.randn(2, 5, 2), "2-D|shape"),
+        (torch.randn(0, 2), "empty"),
+        (torch.tensor([[0.0, float("nan")]]), "NaN"),
+        (torch.tensor([[0.0, float("inf")]]), "inf"),
+        (torch.randn(4, 3), "dim|column|dimension"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(bad: torch.Tensor, match: str) -> None:
+    model = CNF(2, hidden=(8,))
+    with pytest.raises(ValueError, match=match):
+        model.log_prob(bad)
+
+
+def test_solver_failure_is_a_clear_error() -> None:
+    class Exploding(nn.Module):
+        def forward(self, t, x):
+            return x.pow(2) * 1e3
+
+    model = CNF(1, field=Exploding(), max_num_steps=50)
+    with pytest.raises(SolverError, match="max_num_steps|underflow|not finite"):
+        model.decode(torch.ones(3, 1))

@@ -1,0 +1,147 @@
+"""cnf_lib.train: learning, exact resume, interruption, NaN stop, checkpoint safety."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnf_lib import CNF, Trainer, TrainingError
+from cnf_lib.train import CHECKPOINT_VERSION
+
+MU = torch.tensor([1.0, -0.5])
+SIGMA = torch.tensor([0.6, 1.3])
+
+
+def gaussian_data(n: int, seed: int) -> torch.Tensor:
+    return MU + SIGMA * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def small_model(seed: int = 0, **settings) -> CNF:
+    torch.manual_seed(seed)
+    return CNF(2, hidden=(16, 16), **settings)
+
+
+def make_trainer(tmp_path: Path | None = None, **kw) -> Trainer:
+    cfg = dict(iterations=12, batch_size=64, lr=1e-2, lr_final=1e-3, eval_every=0, seed=3)
+    cfg.update(kw)
+    model = small_model(trace="hutchinson")
+    return Trainer(model, gaussian_data(256, 0), gaussian_data(64, 1), progress=False,
+                   checkpoint_path=None if tmp_path is None else tmp_path / "ckpt.pt", **cfg)
+
+
+def test_training_approaches_the_true_nll_of_a_gaussian() -> None:
+    model = small_model()
+    trainer = Trainer(model, gaussian_data(2048, 0), gaussian_data(2000, 1), iterations=150,
+                      batch_size=256, lr=2e-2, lr_final=1e-3, eval_every=0, progress=False)
+    before = trainer.evaluate(gaussian_data(2000, 1))
+    trainer.fit()
+    true_nll = (torch.log(SIGMA).sum() + math.log(2 * math.pi) + 1).item()  # Gaussian entropy, D = 2
+    after = trainer.history["test_nll"][-1]
+    assert before - true_nll > 0.5
+    assert after - true_nll < 0.05
+    assert len(trainer.history["loss"]) == 150 and trainer.history["nfe_forward"][0] > 0
+
+
+def test_n_plus_m_iterations_equal_n_save_load_m(tmp_path: Path) -> None:
+    full = make_trainer()
+    full.fit()
+    first = make_trainer(tmp_path)
+    first.fit(until=5)
+    first.save(tmp_path / "ckpt.pt")
+    second = make_trainer(tmp_path).resume()
+    assert second.iteration == 5
+    second.fit()
+    assert second.history["loss"] == full.history["loss"]
+    for p, q in zip(second.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_interrupted_training_resumes_to_the_same_run(tmp_path: Path) -> None:
+    full = make_trainer()
+    full.fit()
+
+    calls = {"n": 0}
+
+    interrupted = make_trainer(tmp_path, checkpoint_every=4)
+    original_step = interrupted.step
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original_step()
+
+    interrupted.step = step
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    # the checkpoint written on interruption holds the 6 finished iterations
+    resumed = make_trainer(tmp_path).resume()
+    assert resumed.iteration == 6
+    resumed.fit()
+    assert resumed.history["loss"] == full.history["loss"]
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_state(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    trainer.fit(until=3)
+    good = [p.detach().clone() for p in trainer.model.parameters()]
+    original = trainer.model.log_prob_result
+
+    def poisoned(*args, **kwargs):
+        logp, res = original(*args, **kwargs)
+        return logp * float("nan"), res
+
+    trainer.model.log_prob_result = poisoned
+    with pytest.raises(TrainingError, match="not finite"):
+        trainer.fit()
+    assert trainer.iteration == 3 and len(trainer.history["loss"]) == 3
+    for p, q in zip(trainer.model.parameters(), good):
+        assert torch.equal(p, q)
+    restored = make_trainer(tmp_path).resume()
+    assert restored.iteration == 3
+
+
+def test_checkpoint_errors_are_clear(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    trainer.fit(until=2)
+    path = trainer.save(tmp_path / "ok.pt")
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated|cannot read"):
+        make_trainer().resume(truncated)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a cnf_lib trainer checkpoint"):
+        make_trainer().resume(foreign)
+
+    state = torch.load(path, weights_only=True)
+    state["version"] = CHECKPOINT_VERSION + 1
+    newer = tmp_path / "newer.pt"
+    torch.save(state, newer)
+    with pytest.raises(ValueError, match="version"):
+        make_trainer().resume(newer)
+
+    other = Trainer(CNF(2, hidden=(8,)), gaussian_data(64, 0), progress=False)
+    with pytest.raises(ValueError, match="hidden"):
+        other.resume(path)
+
+    with pytest.raises(FileNotFoundError):
+        make_trainer().resume(tmp_path / "missing.pt")
+
+
+def test_bad_training_data_is_rejected() -> None:
+    model = small_model()
+    with pytest.raises(ValueError, match="NaN"):
+        Trainer(model, torch.tensor([[0.0, float("nan")]] * 4), progress=False)
+    with pytest.raises(ValueError, match="dim|column|dimension"):
+        Trainer(model, torch.randn(10, 3), progress=False)
+    with pytest.raises(ValueError, match="either config"):
+        from cnf_lib import TrainConfig
+        Trainer(model, torch.randn(10, 2), config=TrainConfig(), iterations=3, progress=False)
