@@ -225,6 +225,13 @@ class CNF(nn.Module):
         """The constructor arguments (default field) and settings, plain values only."""
         return {**self._config, "settings": asdict(self.settings)}
 
+    def _points(self, x: Tensor, name: str) -> Tensor:
+        """Validate points (shape (n, D), finite) and move them to the model's dtype and device."""
+        param = next(self.parameters(), None)
+        if param is None:
+            return check_points(x, name, dim=self.dim)
+        return check_points(x, name, dim=self.dim, dtype=param.dtype).to(param.device)
+
     # -- the one integrator everything goes through -------------------------------------------
     def flow(
         self,
@@ -250,10 +257,7 @@ class CNF(nn.Module):
         Returns:
             A :class:`FlowResult`.
         """
-        x = check_points(x, "x", dim=self.dim)
-        param = next(self.parameters(), None)
-        if param is not None:
-            x = x.to(dtype=param.dtype, device=param.device)
+        x = self._points(x, "x")
         s = self.settings.update(**overrides) if overrides else self.settings
         n_extra = 3 if regularize else (1 if logdet else 0)
         probe = None
@@ -354,7 +358,7 @@ class CNF(nn.Module):
         Returns:
             Positions, shape (T, n, D).
         """
-        x = check_points(points, "points", dim=self.dim)
+        x = self._points(points, "points")
         times = torch.as_tensor(times, dtype=x.dtype).flatten()
         if times.numel() < 2:
             raise ValueError(f"times needs at least 2 values, got {times.numel()}")
