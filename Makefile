@@ -25,12 +25,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -p no:cacheprovider book/
+	rm -rf .glue/nbval
+	CNF_LIB_GLUE_LOG=$(CURDIR)/.glue/nbval $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=900 -p no:cacheprovider book/
 
 book: $(STAMP)
-	rm -rf _build
-	$(BIN)/jupyter-book build . --all -W -n --keep-going
+	rm -rf _build .glue/book
+	CNF_LIB_GLUE_LOG=$(CURDIR)/.glue/book $(BIN)/jupyter-book build . --all -W -n --keep-going
 	@test -f _build/html/index.html && echo "book written to _build/html/index.html"
+	# same seeds, same numbers: the build's glued values must equal nbval's (when make test ran first)
+	$(BIN)/python tools/compare_glue.py .glue/nbval .glue/book
 
 benchmarks: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
