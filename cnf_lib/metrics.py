@@ -39,6 +39,8 @@ import torch
 from numpy.typing import ArrayLike
 from scipy.spatial.distance import cdist
 
+from .datasets import check_points
+
 ArrayOrTensor = ArrayLike | torch.Tensor
 
 #: Largest number of network-simplex iterations given to :func:`ot.emd` / :func:`ot.emd2`
@@ -65,30 +67,13 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 
 
 def _points(x: Any, name: str) -> np.ndarray:
-    """Checks a point cloud and returns it as a float64 array of shape (n, D).
-
-    A 1-d input of shape (n,) is read as n points in one dimension.
+    """Checks a point cloud (with :func:`cnf_lib.datasets.check_points`) and returns it as a
+    float64 array of shape (n, D). A 1-d input of shape (n,) is read as n points in one dimension.
     """
 
-    x = _to_numpy(x, name)
-
-    if x.ndim == 1:
-        x = x[:, None]
-    elif x.ndim != 2:
-        raise ValueError(f"{name} must have shape (n, D) or (n,), got shape {tuple(x.shape)}")
-
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} has zero dimensions (shape {tuple(x.shape)})")
-
-    bad = ~np.isfinite(x)
-    if bad.any():
-        what = "NaN" if np.isnan(x).any() else "infinite"
-        rows = int(bad.any(axis=1).sum())
-        raise ValueError(f"{name} contains {what} values (in {rows} of {x.shape[0]} points)")
-
-    return x
+    if getattr(x, "ndim", None) == 1 or (not hasattr(x, "ndim") and np.ndim(x) == 1):
+        x = x[:, None] if hasattr(x, "ndim") else np.asarray(x)[:, None]
+    return check_points(x, name, dtype=torch.float64).detach().cpu().numpy()
 
 
 def _pair(x: Any, y: Any, names: tuple[str, str] = ("x", "y")) -> tuple[np.ndarray, np.ndarray]:
