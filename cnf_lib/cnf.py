@@ -287,7 +287,11 @@ class CNF(nn.Module):
         kwargs: dict[str, Any] = dict(rtol=s.rtol, atol=s.atol, method=s.method, options=options)
         try:
             if s.adjoint:
-                adj_opts = dict(norm="seminorm") if s.adjoint_seminorm else None
+                # torchdiffeq takes the backward options from `options` only when none are given:
+                # keep max_num_steps when asking for the seminorm
+                adj_opts = None
+                if s.adjoint_seminorm and s.method in ADAPTIVE_METHODS:
+                    adj_opts = {**_solver_options(s), "norm": "seminorm"}
                 out = odeint_adjoint(dyn, state, times, adjoint_options=adj_opts,
                                      adjoint_params=tuple(self.field.parameters()), **kwargs)
             else:

@@ -13,9 +13,10 @@ The loss of one iteration on a batch ``x`` is::
 
 (the regularizers of RNODE, Finlay et al. 2020, integrated as extra ODE states).
 
-A non-finite loss or a solver failure stops training with :class:`TrainingError`, which says
-what happened and what to try; the parameters are those of the last good iteration, and the
-history and (with ``checkpoint_path``) a checkpoint of that state are kept.
+A non-finite loss, a non-finite gradient or a solver failure (forward, or the adjoint's
+backward) stops training with :class:`TrainingError`, which says what happened and what to try;
+the parameters are those of the last good iteration, and the history and (with
+``checkpoint_path``) a checkpoint of that state are kept.
 """
 
 from __future__ import annotations
@@ -180,7 +181,26 @@ class Trainer:
                 "regularization, or check the data for huge values (standardize it)."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss.backward()
+        except AssertionError as err:  # the adjoint's backward solve failed inside torchdiffeq
+            raise TrainingError(
+                f"iteration {self.iteration}: the adjoint's backward solve failed ({err}). The parameters "
+                "are those of the last good iteration. Try a smaller lr, kinetic/frobenius regularization, "
+                "or adjoint=False."
+            ) from err
+        bad = [name for name, p in self.model.named_parameters()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            # one optimizer step with a NaN/inf gradient would make every parameter NaN (Adam
+            # mixes it into its moments), and the next solve would fail with "underflow in dt nan"
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"iteration {self.iteration}: the gradient is not finite (NaN or inf) in {bad[:3]}"
+                f"{' ...' if len(bad) > 3 else ''}, although the loss ({loss.item():.4g}) is finite. "
+                "The step was not taken: the parameters are those of the last good iteration. Try a "
+                "smaller lr, grad_clip=1.0, kinetic/frobenius regularization, or standardize the data."
+            )
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()

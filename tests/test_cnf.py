@@ -187,3 +187,132 @@ def test_solver_failure_is_a_clear_error() -> None:
     model = CNF(1, field=Exploding(), max_num_steps=50)
     with pytest.raises(SolverError, match="max_num_steps|underflow|not finite"):
         model.decode(torch.ones(3, 1))
+
+
+# -- chapter 5: regularizers, error control, seminorm adjoint ------------------------------------
+
+
+class PlainLinear(nn.Module):
+    """``x Aᵀ`` without a ``divergence`` method, so the CNF uses the vector-Jacobian products."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A.detach().clone())
+
+    def forward(self, t, x):
+        return x @ self.A.T
+
+
+@pytest.mark.parametrize("field_cls", [LinearField, PlainLinear])
+def test_regularizers_on_a_general_linear_field_have_closed_forms(A: torch.Tensor, field_cls) -> None:
+    t = 0.9
+    model = CNF(3, field=field_cls(A), t1=t, **TIGHT).double()
+    x = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, res = model.log_prob_result(x, regularize=True, trace="exact")
+    # ‖∂f/∂x‖²_F = ‖A‖²_F at every point and time
+    torch.testing.assert_close(res.frobenius, torch.full((7,), t * A.pow(2).sum().item(), dtype=torch.float64))
+    # x(s) = exp(-(t - s) A) x, so ∫_0^t ‖A x(s)‖² ds, by Simpson's rule on the closed-form path
+    s = torch.linspace(0.0, t, 401, dtype=torch.float64)
+    paths = torch.stack([x @ torch.linalg.matrix_exp(-(t - si) * A).T @ A.T for si in s])  # (S, n, D)
+    speed2 = paths.pow(2).sum(-1)
+    w = torch.ones(401, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    kinetic = (w[:, None] * speed2).sum(0) * (t / 400) / 3
+    torch.testing.assert_close(res.kinetic, kinetic, rtol=1e-7, atol=1e-9)
+
+
+def test_hutchinson_frobenius_reuses_the_trace_vjp(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Frobenius estimate must not cost a second backward pass per function evaluation
+    calls = {"n": 0}
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(16, 16), trace="hutchinson")
+    x = torch.randn(32, 2)
+    per_eval = []
+    for regularize in (False, True):
+        calls["n"] = 0
+        _, res = model.log_prob_result(x, regularize=regularize, generator=torch.Generator().manual_seed(0))
+        per_eval.append(calls["n"] / res.nfe_forward)
+    assert per_eval[0] == per_eval[1] <= 1
+
+
+class FixedPointField(nn.Module):
+    """``f(t, x) = c sin(ωt) x``: points at 0 never move, but the divergence ``2 c sin(ωt)`` oscillates."""
+
+    def __init__(self, c: float = 20.0, omega: float = 15.0) -> None:
+        super().__init__()
+        self.c, self.omega = c, omega
+
+    def forward(self, t, x):
+        return self.c * torch.sin(self.omega * t) * x
+
+
+def test_error_control_decides_whether_log_p_sets_the_step_size() -> None:
+    field = FixedPointField()
+    model = CNF(2, field=field, rtol=1e-6, atol=1e-6).double()
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    # Δ(0) = -∫_0^1 2 c sin(ω s) ds = -2 c (1 - cos ω) / ω
+    exact = -2 * field.c * (1 - math.cos(field.omega)) / field.omega
+    nfe, err = {}, {}
+    for control in ("mixed", "state_only", "joint"):
+        res = model.flow(x, 1.0, 0.0, error_control=control)
+        nfe[control] = res.nfe_forward
+        err[control] = (res.delta_logp - exact).abs().max().item()
+    # x never moves, so x alone lets the solver take the largest steps and log p comes out wrong
+    assert nfe["state_only"] < nfe["mixed"] and err["state_only"] > 100 * err["mixed"]
+    assert err["mixed"] < 1e-4 and err["joint"] < 1e-4
+    assert nfe["joint"] <= nfe["mixed"]  # the joint RMS dilutes log p's error over D + 1 entries
+
+
+class OscillatingBias(nn.Module):
+    """``f(t, x) = A x + b sin(ωt)`` with a tiny ``b``: x barely feels ``b``, but the adjoint of ``b``,
+    ``∫ aᵀ sin(ωt) dt``, oscillates, so only the parameter states need small backward steps."""
+
+    def __init__(self, omega: float = 50.0) -> None:
+        super().__init__()
+        self.A = nn.Parameter(0.3 * torch.randn(2, 2, generator=torch.Generator().manual_seed(0)))
+        self.b = nn.Parameter(torch.full((2,), 1e-6))
+        self.omega = omega
+
+    def forward(self, t, x):
+        return x @ self.A.T + self.b * torch.sin(self.omega * t)
+
+
+def test_seminorm_adjoint_leaves_the_parameter_states_out_of_step_control() -> None:
+    model = CNF(2, field=OscillatingBias(), rtol=1e-5, atol=1e-5).double()
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def gradient(**overrides):
+        model.zero_grad()
+        logp, res = model.log_prob_result(x, **overrides)
+        (-logp.mean()).backward()
+        return model.field.A.grad.clone(), res.nfe_backward
+
+    reference, _ = gradient(rtol=1e-9, atol=1e-9)
+    grad_full, nfe_full = gradient(adjoint=True)
+    grad_semi, nfe_semi = gradient(adjoint=True, adjoint_seminorm=True)
+    # the default adjoint norm follows the oscillating parameter adjoint; the seminorm ignores it
+    assert nfe_semi < nfe_full / 2
+    # the gradient of A (a smooth integrand) is as accurate either way
+    torch.testing.assert_close(grad_full, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_semi, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_seminorm_adjoint_keeps_the_solver_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    original = cnf_module.odeint_adjoint
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cnf_module, "odeint_adjoint", spy)
+    model = CNF(2, hidden=(8,), adjoint=True, adjoint_seminorm=True, max_num_steps=123)
+    model.log_prob(torch.randn(5, 2))
+    assert seen["adjoint_options"] == {"max_num_steps": 123, "norm": "seminorm"}

@@ -145,3 +145,67 @@ def test_bad_training_data_is_rejected() -> None:
     with pytest.raises(ValueError, match="either config"):
         from cnf_lib import TrainConfig
         Trainer(model, torch.randn(10, 2), config=TrainConfig(), iterations=3, progress=False)
+
+
+def test_history_records_forward_and_backward_nfe() -> None:
+    direct = make_trainer(iterations=3)
+    direct.fit()
+    assert all(n > 0 for n in direct.history["nfe_forward"])
+    assert direct.history["nfe_backward"] == [0, 0, 0]  # backprop through the solver: no backward solve
+    adjoint = make_trainer(iterations=3, train_settings=dict(adjoint=True, adjoint_seminorm=True))
+    adjoint.fit()
+    assert len(adjoint.history["nfe_backward"]) == 3 and all(n > 0 for n in adjoint.history["nfe_backward"])
+
+
+def test_regularized_training_runs_and_its_loss_includes_the_regularizers() -> None:
+    plain = make_trainer(iterations=1)
+    plain.fit()
+    reg = make_trainer(iterations=1, kinetic=1.0, frobenius=1.0)
+    reg.fit()
+    # same seed, same batch, same first model: the regularized loss adds positive integrals
+    assert reg.history["nll"][0] == pytest.approx(plain.history["nll"][0], rel=1e-6)
+    assert reg.history["loss"][0] > reg.history["nll"][0]
+
+
+def test_non_finite_gradient_stops_before_the_step(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    trainer.fit(until=2)
+    good = [p.detach().clone() for p in trainer.model.parameters()]
+    original = trainer.model.log_prob_result
+    first = next(trainer.model.parameters())
+
+    def poisoned(*args, **kwargs):
+        logp, res = original(*args, **kwargs)
+        # finite value (0), NaN gradient: d sqrt(u)/du at u = 0 is inf, times 0
+        return logp + 0.0 * torch.sqrt(0.0 * first.sum()), res
+
+    trainer.model.log_prob_result = poisoned
+    with pytest.raises(TrainingError, match="gradient is not finite"):
+        trainer.fit()
+    assert trainer.iteration == 2
+    for p, q in zip(trainer.model.parameters(), good):
+        assert torch.equal(p, q)
+
+
+def test_adjoint_backward_failure_is_a_training_error() -> None:
+    trainer = make_trainer(train_settings=dict(adjoint=True))
+    field = trainer.model.field
+    original_forward = field.forward
+    state = {"poison": False}
+
+    def forward(t, x):
+        out = original_forward(t, x)
+        return out * float("nan") if state["poison"] else out
+
+    field.forward = forward
+    original = trainer.model.log_prob_result
+
+    def poison_on_backward(*args, **kwargs):
+        logp, res = original(*args, **kwargs)
+        logp.register_hook(lambda g: state.update(poison=True))  # runs before the backward solve
+        return logp, res
+
+    trainer.model.log_prob_result = poison_on_backward
+    with pytest.raises(TrainingError, match="backward solve failed"):
+        trainer.fit()
+    assert trainer.iteration == 0
