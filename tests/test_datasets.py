@@ -373,3 +373,131 @@ def test_check_points_uses_the_name_and_converts():
     assert out.dtype == torch.float32 and out.shape == (3, 2)
     assert check_points([[1.0, 2.0]], dim=2).tolist() == [[1.0, 2.0]]
     assert check_points(torch.ones(2, 2, dtype=F64), dtype=F64).dtype == F64
+
+
+# --------------------------------------------------------------------------------------------
+# GaussianMixture: the D-dimensional toy of chapter 4
+# --------------------------------------------------------------------------------------------
+
+from cnf_lib.datasets import GaussianMixture  # noqa: E402
+from scipy.stats import multivariate_normal  # noqa: E402
+
+
+def scipy_mixture_log_prob(mix: GaussianMixture, x: np.ndarray) -> np.ndarray:
+    """log Σ_k w_k N(x; μ_k, σ_k² I) with scipy, component by component."""
+    logs = [
+        math.log(w) + multivariate_normal(mean=mu, cov=s**2 * np.eye(mix.dim)).logpdf(x)
+        for w, mu, s in zip(mix.weights.numpy(), mix.means.numpy(), mix.stds.numpy())
+    ]
+    return np.logaddexp.reduce(np.stack(logs, axis=1), axis=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dim=5, n_components=3, spread=1.5, std=[0.4, 0.7, 1.1], weights=[0.2, 0.5, 0.3],
+             seed=3),
+        dict(dim=16, n_components=4, seed=0),
+        dict(dim=1, n_components=2, means=[[-1.0], [2.0]], std=0.3),
+    ],
+)
+def test_gaussian_mixture_log_prob_matches_scipy(kwargs):
+    mix = GaussianMixture(**kwargs)
+    g = torch.Generator().manual_seed(0)
+    x = 2.0 * torch.randn(200, mix.dim, generator=g, dtype=F64)
+    logp = mix.log_prob(x)
+    assert logp.dtype == F64 and logp.shape == (200,)
+    expected = scipy_mixture_log_prob(mix, x.numpy())
+    np.testing.assert_allclose(logp.numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert mix.nll(x) == pytest.approx(-logp.mean().item(), rel=1e-12)
+
+
+def test_gaussian_mixture_in_2d_is_eight_gaussians():
+    eight = EightGaussians()
+    mix = GaussianMixture(2, n_components=8, means=eight.centres, std=eight.std)
+    x = eight.sample(300, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(mix.log_prob(x), eight.log_prob(x), rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_mixture_samples_have_the_closed_form_moments():
+    mix = GaussianMixture(4, n_components=3, spread=1.0, std=[0.3, 0.6, 0.9],
+                          weights=[0.5, 0.3, 0.2], seed=2)
+    n = 200_000
+    x = mix.sample(n, generator=torch.Generator().manual_seed(4)).double()
+    cov = mix.covariance()
+    se_mean = (cov.diagonal() / n).sqrt()
+    assert ((x.mean(0) - mix.mean()).abs() < 5 * se_mean).all()
+    # sample covariance: entries within a few standard errors (Gaussian-like bound, loose factor)
+    scale = torch.outer(cov.diagonal().sqrt(), cov.diagonal().sqrt())
+    assert ((torch.cov(x.T) - cov).abs() < 8 * scale * (2.0 / n) ** 0.5).all()
+
+
+def test_gaussian_mixture_sampler_agrees_with_density():
+    """E_p[w_k N_k(x) / p(x)] = w_k exactly: responsibilities (from log_prob) over samples."""
+    mix = GaussianMixture(6, n_components=3, spread=0.6, std=[0.5, 0.8, 1.0],
+                          weights=[0.6, 0.3, 0.1], seed=5)
+    n = 100_000
+    x = mix.sample(n, generator=torch.Generator().manual_seed(6)).double()
+    logp = mix.log_prob(x)
+    resp = []
+    for k in range(3):
+        single = GaussianMixture(6, n_components=1, means=mix.means[k : k + 1],
+                                 std=float(mix.stds[k]))
+        resp.append((mix.weights[k].log() + single.log_prob(x) - logp).exp())
+    resp = torch.stack(resp, 1)
+    torch.testing.assert_close(resp.sum(1), torch.ones(n, dtype=F64))
+    se = resp.std(0) / n**0.5
+    assert ((resp.mean(0) - mix.weights).abs() < 5 * se).all(), (resp.mean(0), mix.weights)
+
+
+def test_gaussian_mixture_density_is_normalized():
+    """Importance sampling from a broad Gaussian q: E_q[p / q] = 1."""
+    mix = GaussianMixture(3, n_components=4, spread=1.0, std=0.6, seed=7)
+    q = torch.distributions.MultivariateNormal(mix.mean(), 2.0 * mix.covariance())
+    torch.manual_seed(8)
+    z = q.sample((200_000,))
+    ratio = (mix.log_prob(z) - q.log_prob(z)).exp()
+    assert ratio.mean().item() == pytest.approx(1.0, abs=5 * ratio.std().item() / 200_000**0.5)
+
+
+def test_gaussian_mixture_is_reproducible():
+    a, b, c = GaussianMixture(8, seed=1), GaussianMixture(8, seed=1), GaussianMixture(8, seed=2)
+    torch.testing.assert_close(a.means, b.means)
+    assert not torch.equal(a.means, c.means)
+    s1 = a.sample(50, generator=torch.Generator().manual_seed(0))
+    s2 = a.sample(50, generator=torch.Generator().manual_seed(0))
+    assert s1.dtype == torch.float32 and s1.shape == (50, 8)
+    torch.testing.assert_close(s1, s2)
+    lo, hi = a.bounds
+    big = a.sample(20_000, generator=torch.Generator().manual_seed(1))
+    assert lo < big.min() and big.max() < hi
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=0), "dim"),
+        (dict(dim=2.5), "dim"),
+        (dict(dim=3, n_components=0), "n_components"),
+        (dict(dim=3, spread=-1.0), "spread"),
+        (dict(dim=3, n_components=2, std=[0.5, -0.1]), "std"),
+        (dict(dim=3, n_components=2, std=[0.5, 0.5, 0.5]), "std"),
+        (dict(dim=3, n_components=2, weights=[1.0]), "weights"),
+        (dict(dim=3, n_components=2, weights=[0.0, 0.0]), "weights"),
+        (dict(dim=3, n_components=2, means=np.zeros((2, 4))), "means"),
+        (dict(dim=3, n_components=2, means=np.zeros((3, 3))), "means"),
+    ],
+)
+def test_gaussian_mixture_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GaussianMixture(**kwargs)
+
+
+def test_gaussian_mixture_bad_points_raise():
+    mix = GaussianMixture(3)
+    with pytest.raises(ValueError, match="3 columns"):
+        mix.log_prob(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="non-finite"):
+        mix.log_prob(torch.full((2, 3), float("nan")))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        mix.sample(-1)
