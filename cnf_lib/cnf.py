@@ -17,8 +17,9 @@ solver, tolerances, adjoint, trace estimator, probe and error control are :class
 and any of them can be overridden per call: ``model.log_prob(x, trace="exact", rtol=1e-5,
 atol=1e-5)`` evaluates a model trained with Hutchinson's estimator with the exact trace.
 
-With ``trace="exact"``, a field that has a method ``divergence(t, x) -> (f, div, frobenius)``
-(shapes (n, D), (n,), (n,)) computes its own divergence: :class:`~cnf_lib.fields.ConcatSquashMLP`
+With ``trace="exact"``, a field that has a method ``divergence(t, x, frobenius=True) -> (f, div,
+frobenius)`` (shapes (n, D), (n,), (n,); ``frobenius`` may be ``None`` when not asked for)
+computes its own divergence: :class:`~cnf_lib.fields.ConcatSquashMLP`
 propagates its Jacobian forward through its layers, several times faster for small D than the D
 vector-jacobian products of :func:`~cnf_lib.trace.divergence_exact`, which any other field gets
 (see the Performance appendix).
@@ -150,7 +151,7 @@ class _Dynamics(nn.Module):
         exact_method = getattr(self.field, "divergence", None)
         if self.settings.trace == "exact" and callable(exact_method):
             # the field's own exact divergence (forward-mode Jacobian): one graph, no VJPs
-            f, div, frob = exact_method(t, x)
+            f, div, frob = exact_method(t, x, frobenius=self.n_extra == 3)
             return (f, div) + ((f.pow(2).sum(1), frob) if self.n_extra == 3 else ())
         with torch.enable_grad():
             if not x.requires_grad:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ACTIVATIONS", "ConcatSquashLinear", "ConcatSquashMLP", "LinearField"]
@@ -29,17 +30,18 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def _activation_derivative(name: str, z: Tensor, a: Tensor) -> Tensor:
-    """``act'(z)`` for the activations of :data:`ACTIVATIONS`, given ``a = act(z)`` (default parameters)."""
-    if name == "tanh":
-        return 1 - a * a
+def _times_activation_derivative(name: str, tangents: Tensor, z: Tensor, a: Tensor) -> Tensor:
+    """``tangents ⊙ act'(z)`` for the activations of :data:`ACTIVATIONS` (default parameters), given
+    ``a = act(z)``; ``tangents`` has shape (D, n, width) or (D, 1, width), ``z`` and ``a`` (n, width)."""
+    if name == "tanh":  # T ⊙ (1 - a²) in one (twice differentiable) operation
+        return torch.ops.aten.tanh_backward(tangents, a)
     if name == "softplus":  # nn.Softplus(beta=1, threshold=20) is the identity above 20
-        return torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z))
+        return tangents * torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z))
     if name == "elu":  # alpha = 1: exp(z) = a + 1 below zero
-        return torch.where(z > 0, torch.ones_like(z), a + 1)
+        return tangents * torch.where(z > 0, torch.ones_like(z), a + 1)
     if name == "silu":
         s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
+        return tangents * (s * (1 + z * (1 - s)))
     raise ValueError(f"no derivative for activation {name!r}")
 
 
@@ -99,15 +101,43 @@ class ConcatSquashMLP(nn.Module):
                 h = self.act(h)
         return h
 
+    def _hidden_tangents(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Run every layer but the last on the points and their tangents.
+
+        Each ConcatSquash layer is applied as one affine map whose weight and bias already carry
+        the time gate and shift (``(W h + b) ⊙ g + s = (g ⊙ W) h + (g ⊙ b + s)``), so that the
+        gate multiplies a (out, in) matrix instead of every point's activations.
+
+        Returns:
+            ``(h, T, W_L, b_L)``: the last hidden activations (n, width), their tangents
+            ``T[k] = ∂h/∂x_k`` shape (D, n, width) (``None`` when there is no hidden layer), and
+            the last layer's gated weight (D, width) and bias (D,).
+        """
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        h, tangents = x, None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            gate, shift = layer.gate_and_shift(t, h)  # (1, out) each
+            weight = layer.linear.weight * gate.T  # (out, in)
+            bias = (layer.linear.bias * gate + shift).reshape(-1)
+            if i == last:
+                return h, tangents, weight, bias
+            z = F.linear(h, weight, bias)
+            # ∂z/∂x_k: the same for every point after the first layer, then one batched matmul
+            tangents = weight.T.unsqueeze(1) if tangents is None else F.linear(tangents, weight)
+            h = self.act(z)
+            tangents = _times_activation_derivative(self.activation, tangents, z, h)
+        raise AssertionError("unreachable: the MLP has at least one layer")
+
     def forward_with_tangents(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``f(t, x)`` and its Jacobian, propagated forward through the layers in one pass.
 
         Each layer maps the tangents ``T_k = ∂h/∂x_k`` of all D input directions at once:
-        ``T ← gate ⊙ (W T)`` through a ConcatSquash layer and ``T ← act'(z) ⊙ T`` through an
-        activation. That is D Jacobian-vector products batched into one graph, instead of the D
-        separate vector-Jacobian products (D backward passes) of
-        :func:`cnf_lib.trace.divergence_exact`; for small D it is much faster, and training
-        backpropagates through one ordinary graph.
+        ``T ← (g ⊙ W) T`` through a ConcatSquash layer with gate ``g`` and ``T ← act'(z) ⊙ T``
+        through an activation. That is D Jacobian-vector products batched into one graph,
+        instead of the D separate vector-Jacobian products (D backward passes) of
+        :func:`cnf_lib.trace.divergence_exact`; for small D it is faster, and training
+        backpropagates through one ordinary graph (no double backward).
 
         Arguments:
             t: a scalar (tensor or float).
@@ -117,23 +147,9 @@ class ConcatSquashMLP(nn.Module):
             ``(f, T)``: ``f`` shape (n, D) and the tangents ``T`` shape (D, n, D) with
             ``T[k, :, i] = ∂f_i/∂x_k``.
         """
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        h, tangents = x, None
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            gate, shift = layer.gate_and_shift(t, h)
-            weight = layer.linear.weight  # (out, in)
-            z = layer.linear(h) * gate + shift
-            if tangents is None:  # ∂z/∂x_k = gate ⊙ W[:, k], the same for every point
-                tangents = (weight.T * gate).unsqueeze(1)  # (D, 1, out)
-            else:
-                tangents = torch.nn.functional.linear(tangents, weight) * gate  # (D, n, out)
-            if i < last:
-                h = self.act(z)
-                tangents = tangents * _activation_derivative(self.activation, z, h)
-            else:
-                h = z
-        return h, tangents.expand(self.dim, x.shape[0], self.dim)
+        h, tangents, weight, bias = self._hidden_tangents(t, x)
+        out = weight.T.unsqueeze(1) if tangents is None else F.linear(tangents, weight)
+        return F.linear(h, weight, bias), out.expand(self.dim, x.shape[0], self.dim)
 
     def forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """``f(t, x)`` and the Jacobian ``∂f/∂x`` of each point, shapes (n, D) and (n, D, D).
@@ -143,18 +159,33 @@ class ConcatSquashMLP(nn.Module):
         f, tangents = self.forward_with_tangents(t, x)
         return f, tangents.permute(1, 2, 0)
 
-    def divergence(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def divergence(
+        self, t: Tensor | float, x: Tensor, frobenius: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``f(t, x)``, its exact divergence and the squared Frobenius norm of its Jacobian.
 
         The :class:`~cnf_lib.cnf.CNF` calls this for ``trace="exact"`` instead of
-        :func:`cnf_lib.trace.divergence_exact` (same values, far fewer autograd calls).
+        :func:`cnf_lib.trace.divergence_exact` (the same values, several times fewer autograd
+        operations; see :meth:`forward_with_tangents`).
+
+        Arguments:
+            t: a scalar (tensor or float).
+            x: the points, shape (n, D).
+            frobenius: also return ``‖∂f/∂x‖²_F`` (else ``None``; the trace alone skips the
+                last layer's full Jacobian: ``tr J = Σ_k W_L[k] · T[k]``).
 
         Returns:
             ``(f, div, frobenius)``, shapes (n, D), (n,), (n,).
         """
-        f, tangents = self.forward_with_tangents(t, x)
-        div = tangents.diagonal(dim1=0, dim2=2).sum(-1)
-        return f, div, tangents.pow(2).sum((0, 2))
+        if frobenius:
+            f, tangents = self.forward_with_tangents(t, x)
+            return f, tangents.diagonal(dim1=0, dim2=2).sum(-1), tangents.pow(2).sum((0, 2))
+        h, tangents, weight, bias = self._hidden_tangents(t, x)
+        if tangents is None:  # no hidden layer: f is affine in x
+            div = weight.diagonal().sum().expand(x.shape[0])
+        else:
+            div = (tangents * weight.unsqueeze(1)).sum((0, 2))
+        return F.linear(h, weight, bias), div, None
 
 
 class LinearField(nn.Module):
@@ -174,7 +205,10 @@ class LinearField(nn.Module):
         """Arguments: ``t`` (unused), ``x`` shape (n, D). Returns ``x Aᵀ``, shape (n, D)."""
         return x @ self.A.T
 
-    def divergence(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def divergence(
+        self, t: Tensor | float, x: Tensor, frobenius: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(f, tr A, ‖A‖²_F)`` for each point, shapes (n, D), (n,), (n,) (see :meth:`ConcatSquashMLP.divergence`)."""
         n = x.shape[0]
-        return self.forward(t, x), self.A.diagonal().sum().expand(n), self.A.pow(2).sum().expand(n)
+        frob = self.A.pow(2).sum().expand(n) if frobenius else None
+        return self.forward(t, x), self.A.diagonal().sum().expand(n), frob

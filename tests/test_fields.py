@@ -105,6 +105,19 @@ def test_linear_field_divergence_is_trace_and_frobenius() -> None:
     A = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x = torch.randn(6, 4, dtype=torch.float64)
     f, div, frob = LinearField(A).divergence(0.0, x)
+    assert LinearField(A).divergence(0.0, x, frobenius=False)[2] is None
     torch.testing.assert_close(f, x @ A.T)
     torch.testing.assert_close(div, torch.full((6,), A.trace().item(), dtype=torch.float64))
     torch.testing.assert_close(frob, torch.full((6,), A.pow(2).sum().item(), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(("dim", "hidden"), [(2, (16, 16, 16)), (3, ())])
+def test_divergence_without_frobenius_is_the_same_trace(activation: str, dim: int, hidden: tuple[int, ...]) -> None:
+    field = _field(dim, hidden, activation, seed=2)
+    x = torch.randn(9, dim, dtype=torch.float64)
+    f, div, frob = field.divergence(0.6, x)
+    f2, div2, none = field.divergence(0.6, x, frobenius=False)
+    assert none is None
+    torch.testing.assert_close(f2, f, rtol=0, atol=1e-12)
+    torch.testing.assert_close(div2, div, rtol=1e-10, atol=1e-10)
