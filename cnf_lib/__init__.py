@@ -8,7 +8,10 @@ Modules (one idea each):
 * :mod:`cnf_lib.train` — the seeded, resumable :class:`Trainer`;
 * :mod:`cnf_lib.datasets` — 2-D toys with their true densities, standardization, input checks;
 * :mod:`cnf_lib.metrics` — NLL, Wasserstein distances, MMD, OT interpolation;
-* :mod:`cnf_lib.plot` — densities, samples, trajectories, vector fields, animations.
+* :mod:`cnf_lib.plot` — densities, samples, trajectories, vector fields, animations;
+* :mod:`cnf_lib.discrete` — invertible maps with log-determinants (chapter 1);
+* :mod:`cnf_lib.odes` — NFE counting, ODE test problems with closed forms, activation memory (chapter 2);
+* :mod:`cnf_lib.glue` — numbers in the book's prose, recorded for the determinism check.
 """
 
 from .cnf import CNF, FlowResult, SolverError, SolverSettings, standard_normal_log_prob

@@ -44,6 +44,8 @@ def glue(name: str, value: Any, display: bool = False, varies: bool = False) -> 
     """
     from myst_nb import glue as myst_glue
 
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # NumPy / torch scalars: myst-nb formats only plain Python numbers
     myst_glue(name, value, display=display)
     folder = os.environ.get(GLUE_LOG_ENV)
     if folder:

@@ -51,3 +51,12 @@ def test_a_name_missing_from_one_run_fails(tmp_path: Path, monkeypatch: pytest.M
 def test_missing_logs_mean_nothing_to_compare(tmp_path: Path) -> None:
     res = compare(tmp_path / "none", tmp_path / "neither")
     assert res.returncode == 0 and "nothing to compare" in res.stdout
+
+
+def test_numpy_and_torch_scalars_are_recorded_as_plain_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import torch
+
+    record(tmp_path, monkeypatch, {"a": np.float64(0.5), "b": torch.tensor(2.0), "c": np.int64(3)})
+    values = [json.loads(s)["value"] for s in (tmp_path / "glue.jsonl").read_text().splitlines()]
+    assert values == [0.5, 2.0, 3] and all(type(v) in (float, int) for v in values)
