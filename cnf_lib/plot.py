@@ -38,6 +38,7 @@ __all__ = [
     "animate_flow",
     "animation_html",
     "plot_embedding",
+    "plot_gallery_row",
 ]
 
 import math
@@ -785,3 +786,68 @@ def plot_embedding(
     _style(ax, None, title, labels=axis_labels)
 
     return ax
+
+
+# ------------------------------------------------------------------------ gallery
+
+
+def plot_gallery_row(
+    target: LogProbFn | Grid,
+    model: LogProbFn | Grid,
+    samples: ArrayOrTensor,
+    field_fn: FieldFn,
+    t: float,
+    bounds: Bounds = (-4, 4),
+    axes: Sequence[Axes] | None = None,
+    n: int = 100,
+    n_field: int = 15,
+    titles: Sequence[str] | None = ("target density", "model density", "model samples", None),
+    row_label: str | None = None,
+) -> np.ndarray:
+    r"""Draws one row of a gallery: target density, model density, samples, vector field.
+
+    The four panels share ``bounds``, so the model can be read against the target column by
+    column. Like the other functions here it takes data and callables, not a model: for a
+    :class:`cnf_lib.CNF` pass ``model.log_prob`` (or a grid from :func:`density_grid`),
+    ``model.sample(...)`` and ``model.field``.
+
+    Arguments:
+        target: The target's log-density, a callable or a grid from :func:`density_grid`.
+        model: The model's log-density, a callable or a grid.
+        samples: Samples of the model, shape :math:`(m, 2)`.
+        field_fn: The vector field ``field_fn(t, x)`` (see :func:`plot_vector_field`).
+        t: The time at which the field is drawn.
+        bounds: The box of every panel.
+        axes: Four axes to draw on; if :py:`None`, a new figure with one row of four.
+        n: Cells per axis of the density panels given as callables.
+        n_field: Arrows per axis of the field panel.
+        titles: The four panel titles (:py:`None` for a panel's default; the field's is
+            ``"t = ..."``), or :py:`None` for no titles.
+        row_label: Written as the y-axis label of the first panel (for example the data set).
+
+    Returns:
+        The four axes, as an array of shape :math:`(4,)`.
+
+    Raises:
+        ValueError: If ``axes`` does not hold four axes or ``titles`` four entries.
+    """
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 4, figsize=(13.0, 3.4))
+    axes = np.asarray(axes, dtype=object).reshape(-1)
+    if axes.shape != (4,):
+        raise ValueError(f"axes must hold 4 axes (target, model, samples, field), got {axes.shape[0]}")
+    if titles is None:
+        titles = ("", "", "", "")
+    titles = tuple(titles)
+    if len(titles) != 4:
+        raise ValueError(f"titles must have 4 entries, got {len(titles)}")
+
+    plot_density(target, bounds=bounds, n=n, ax=axes[0], title=titles[0])
+    plot_density(model, bounds=bounds, n=n, ax=axes[1], title=titles[1])
+    plot_samples(samples, ax=axes[2], s=1.5, alpha=0.4, bounds=bounds, title=titles[2])
+    plot_vector_field(field_fn, t, bounds=bounds, n=n_field, ax=axes[3], title=titles[3])
+    if row_label is not None:
+        axes[0].set_ylabel(row_label)
+
+    return axes

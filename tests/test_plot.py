@@ -21,6 +21,7 @@ from cnf_lib.plot import (  # noqa: E402
     density_grid,
     plot_density,
     plot_embedding,
+    plot_gallery_row,
     plot_samples,
     plot_trajectories,
     plot_vector_field,
@@ -296,3 +297,37 @@ def test_animation_html_warns_when_frames_are_dropped(traj):
     with pytest.warns(UserWarning, match="frames fit"):
         html = animation_html(anim, embed_limit_mb=0.005)
     assert html.data.count("data:image/png") < traj.shape[0]
+
+
+# ------------------------------------------------------------------------ gallery
+
+
+def test_gallery_row_draws_four_panels_on_shared_bounds():
+    grid = density_grid(normal_log_prob(0.5), bounds=(-3, 3), n=30)
+    samples = 0.5 * np.random.default_rng(0).normal(size=(200, 2))
+    axes = plot_gallery_row(normal_log_prob(), grid, samples, lambda t, x: -x * t, t=0.5,
+                            bounds=(-3, 3), n=30, n_field=6, row_label="gaussian")
+    assert axes.shape == (4,)
+    assert len(axes[0].images) == 1 and len(axes[1].images) == 1
+    # the model panel shows the grid it was given: its peak is the N(0, 0.5²) peak
+    assert axes[1].images[0].get_array().max() == pytest.approx(1 / (2 * math.pi * 0.25), rel=0.05)
+    assert len(axes[2].collections) == 1
+    assert any(isinstance(c, Quiver) for c in axes[3].collections)
+    assert axes[3].get_title() == "$t = 0.5$"
+    assert axes[0].get_ylabel() == "gaussian"
+    for ax in axes:
+        assert ax.get_xlim() == pytest.approx((-3, 3)) and ax.get_ylim() == pytest.approx((-3, 3))
+
+
+def test_gallery_row_uses_given_axes_and_checks_them():
+    fig, axes = plt.subplots(2, 4)
+    out = plot_gallery_row(normal_log_prob(), normal_log_prob(), np.zeros((5, 2)), lambda t, x: x, t=0.0,
+                           axes=axes[1], n=10, n_field=4, titles=None)
+    assert all(a is b for a, b in zip(out, axes[1]))
+    assert len(axes[0, 0].images) == 0 and out[0].get_title() == ""
+    with pytest.raises(ValueError, match="4 axes"):
+        plot_gallery_row(normal_log_prob(), normal_log_prob(), np.zeros((5, 2)), lambda t, x: x, t=0.0,
+                         axes=axes[0, :3], n=10)
+    with pytest.raises(ValueError, match="4 entries"):
+        plot_gallery_row(normal_log_prob(), normal_log_prob(), np.zeros((5, 2)), lambda t, x: x, t=0.0,
+                         n=10, titles=("a", "b"))
