@@ -165,3 +165,36 @@ def markdown(r: dict[str, Any]) -> str:
         if key in r:
             out += fn(r[key])
     return "\n".join(out) + "\n"
+
+
+def html(lines: list[str]) -> str:
+    """The same lines as HTML (markdown tables, paragraphs, ``**bold**`` and ``code``), for the
+    book, whose notebook outputs do not parse markdown tables."""
+    import html as _html
+    import re
+
+    def inline(text: str) -> str:
+        text = _html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], rows[2:]
+            out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            rows.clear()
+
+    for line in "\n".join(lines).split("\n"):
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "\n".join(out)
