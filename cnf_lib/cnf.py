@@ -20,8 +20,8 @@ atol=1e-5)`` evaluates a model trained with Hutchinson's estimator with the exac
 With ``trace="exact"``, a field that has a method ``divergence(t, x, frobenius=True) -> (f, div,
 frobenius)`` (shapes (n, D), (n,), (n,); ``frobenius`` may be ``None`` when not asked for)
 computes its own divergence: :class:`~cnf_lib.fields.ConcatSquashMLP`
-propagates its Jacobian forward through its layers, several times faster for small D than the D
-vector-jacobian products of :func:`~cnf_lib.trace.divergence_exact`, which any other field gets
+propagates its Jacobian forward through its layers, faster for small D than the D
+vector-Jacobian products of :func:`~cnf_lib.trace.divergence_exact`, which any other field gets
 (see the Performance appendix).
 
 References:

@@ -123,7 +123,7 @@ class ConcatSquashMLP(nn.Module):
             if i == last:
                 return h, tangents, weight, bias
             z = F.linear(h, weight, bias)
-            # ∂z/∂x_k: the same for every point after the first layer, then one batched matmul
+            # ∂z/∂x_k: at the first layer the same for every point; after it, one batched matmul
             tangents = weight.T.unsqueeze(1) if tangents is None else F.linear(tangents, weight)
             h = self.act(z)
             tangents = _times_activation_derivative(self.activation, tangents, z, h)
@@ -165,7 +165,7 @@ class ConcatSquashMLP(nn.Module):
         """``f(t, x)``, its exact divergence and the squared Frobenius norm of its Jacobian.
 
         The :class:`~cnf_lib.cnf.CNF` calls this for ``trace="exact"`` instead of
-        :func:`cnf_lib.trace.divergence_exact` (the same values, several times fewer autograd
+        :func:`cnf_lib.trace.divergence_exact` (the same values from far fewer autograd
         operations; see :meth:`forward_with_tangents`).
 
         Arguments:
