@@ -21,10 +21,12 @@ the parameters are those of the last good iteration, and the history and (with
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cnf import CNF, SolverError
-from .datasets import check_points
+from .datasets import check_points, make_toy
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "TrainJob", "fit_jobs", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -107,8 +109,9 @@ class Trainer:
 
     Attributes:
         history: lists per iteration (``iteration``, ``loss``, ``nll``, ``nfe_forward``,
-            ``nfe_backward``, ``time``, ``lr``) and per evaluation (``eval_iteration``,
-            ``test_nll``, ``eval_nfe``).
+            ``nfe_backward`` (the adjoint's backward solve; 0 without the adjoint), ``time`` and
+            ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``)
+            and per evaluation (``eval_iteration``, ``test_nll``, ``eval_nfe``).
         iteration: iterations done.
     """
 
@@ -140,8 +143,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
         self.iteration = 0
         self.history: dict[str, list[float]] = {
-            k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "lr",
-                            "eval_iteration", "test_nll", "eval_nfe")
+            k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time",
+                            "lr", "eval_iteration", "test_nll", "eval_nfe")
         }
 
     # -- one step -------------------------------------------------------------------------------
@@ -218,11 +221,13 @@ class Trainer:
         cfg = self.config
         until = cfg.iterations if until is None else min(int(until), cfg.iterations)
         elapsed = self.history["time"][-1] if self.history["time"] else 0.0
+        cpu_times = self.history.setdefault("cpu_time", [])  # (absent from older checkpoints)
+        elapsed_cpu = cpu_times[-1] if cpu_times else 0.0
         bar = tqdm(total=until, initial=self.iteration, disable=not self.progress,
                    desc="training", mininterval=1.0, leave=True)
         try:
             while self.iteration < until:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 try:
                     rec = self.step()
                 except TrainingError:
@@ -230,10 +235,12 @@ class Trainer:
                         self.save(self.checkpoint_path)
                     raise
                 elapsed += time.perf_counter() - start
+                elapsed_cpu += time.process_time() - cpu_start
                 self.iteration += 1
                 h = self.history
                 h["iteration"].append(self.iteration)
                 h["time"].append(elapsed)
+                h["cpu_time"].append(elapsed_cpu)
                 for k in ("loss", "nll", "nfe_forward", "nfe_backward", "lr"):
                     h[k].append(rec[k])
                 bar.update(1)
@@ -336,3 +343,91 @@ class Trainer:
             raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({err})") from err
         self.load_state_dict(state)
         return self
+
+
+# -- several independent trainings, one process each ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run described by plain values, so that another process can run it.
+
+    Attributes:
+        data: the name of a 2-D toy of :mod:`cnf_lib.datasets` (a fresh batch is sampled at every
+            iteration), or a tensor of training points (n, D).
+        test_data: held-out points (m, D), or ``None``.
+        model: keyword arguments of :class:`~cnf_lib.cnf.CNF` besides ``dim`` (``hidden``,
+            ``activation``, ``t1`` and solver settings such as ``rtol``).
+        config: :class:`TrainConfig` fields (``iterations``, ``kinetic``, ``seed``, ...).
+        init_seed: ``torch.manual_seed`` before the model is built (its initial parameters).
+        name: a label for the caller (not used for training).
+    """
+
+    data: str | Tensor
+    test_data: Tensor | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    name: str = ""
+
+    def build(self) -> Trainer:
+        """The :class:`Trainer` of this job, with a freshly initialized model, not yet trained."""
+        sampler_or_data = make_toy(self.data).sample if isinstance(self.data, str) else self.data
+        dim = 2 if isinstance(self.data, str) else int(self.data.shape[1])
+        torch.manual_seed(self.init_seed)
+        model = CNF(dim, **self.model)
+        return Trainer(model, sampler_or_data, self.test_data, progress=False, **self.config)
+
+
+def _run_job(job: TrainJob) -> tuple[bytes, float, float]:
+    """Train one job (in a worker process); returns the trainer's state as bytes, wall and CPU s."""
+    torch.set_num_threads(1)
+    trainer = job.build()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    trainer.fit()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    return buffer.getvalue(), wall, cpu
+
+
+def fit_jobs(jobs: Sequence[TrainJob], processes: int = 1) -> list[tuple[Trainer, float, float]]:
+    """Train several independent CNFs, in parallel worker processes when ``processes > 1``.
+
+    A small CNF gains nothing from more torch threads (it loses, on a busy machine: see the
+    Performance appendix), but independent runs use separate cores perfectly well. Each job
+    runs with one torch thread; a job gives exactly the same parameters and history whether it
+    ran here or in a worker (the same seeds, the same operations).
+
+    Arguments:
+        jobs: the runs, as :class:`TrainJob` s.
+        processes: worker processes (``1``: train one after another in this process).
+
+    Returns:
+        For each job, in order: its trained :class:`Trainer` (in this process, history and
+        parameters loaded), the wall-clock seconds of its training and its CPU seconds.
+
+    Raises:
+        ValueError: on an empty job list or ``processes < 1``.
+        TrainingError: as :meth:`Trainer.fit`, from the first job that failed.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        raise ValueError("fit_jobs needs at least one TrainJob")
+    if int(processes) != processes or processes < 1:
+        raise ValueError(f"processes must be a positive integer, got {processes!r}")
+    if not all(isinstance(j, TrainJob) for j in jobs):
+        raise ValueError("every job must be a TrainJob")
+    if processes == 1:
+        results = [_run_job(job) for job in jobs]
+    else:
+        # "spawn": a fresh interpreter per worker (safe with torch, and the same on every OS)
+        context = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(int(processes), len(jobs)), mp_context=context) as pool:
+            results = list(pool.map(_run_job, jobs))
+    out = []
+    for job, (state, wall, cpu) in zip(jobs, results):
+        trainer = job.build()
+        trainer.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+        out.append((trainer, wall, cpu))
+    return out

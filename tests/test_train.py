@@ -209,3 +209,40 @@ def test_adjoint_backward_failure_is_a_training_error() -> None:
     with pytest.raises(TrainingError, match="backward solve failed"):
         trainer.fit()
     assert trainer.iteration == 0
+
+
+def test_fit_jobs_in_workers_equals_training_here() -> None:
+    from cnf_lib.train import TrainJob, fit_jobs
+
+    data = gaussian_data(256, 0)
+    jobs = [TrainJob(data=data, test_data=gaussian_data(64, 1), model=dict(hidden=(8,), rtol=1e-3, atol=1e-3),
+                     config=dict(iterations=4, batch_size=64, eval_every=0, seed=s), init_seed=s, name=f"run{s}")
+            for s in (0, 1)]
+    jobs.append(TrainJob(data="moons", model=dict(hidden=(8,)), config=dict(iterations=2, batch_size=32, seed=2)))
+    here = fit_jobs(jobs, processes=1)
+    there = fit_jobs(jobs, processes=2)
+    for (a, wall, cpu), (b, _, _) in zip(here, there):
+        assert a.iteration == b.iteration and a.history["loss"] == b.history["loss"]
+        for p, q in zip(a.model.parameters(), b.model.parameters()):
+            assert torch.equal(p, q)
+        assert wall > 0 and cpu > 0
+    assert here[0][0].history["loss"] != here[1][0].history["loss"]  # different seeds, different runs
+    assert len(here[0][0].history["test_nll"]) == 1  # evaluated at the end
+    with pytest.raises(ValueError, match="at least one"):
+        fit_jobs([])
+    with pytest.raises(ValueError, match="processes"):
+        fit_jobs(jobs, processes=0)
+
+
+def test_history_times_are_cumulative_and_resume_from_old_checkpoints(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, iterations=4)
+    trainer.fit(until=2)
+    h = trainer.history
+    assert len(h["time"]) == len(h["cpu_time"]) == 2
+    assert 0 < h["cpu_time"][0] <= h["cpu_time"][1] and 0 < h["time"][0] <= h["time"][1]
+    state = trainer.state_dict()
+    del state["history"]["cpu_time"]  # a checkpoint written before cpu_time existed
+    resumed = make_trainer(tmp_path, iterations=4)
+    resumed.load_state_dict(state)
+    resumed.fit()
+    assert len(resumed.history["cpu_time"]) == 2 and len(resumed.history["time"]) == 4
