@@ -12,6 +12,7 @@ Modules (one idea each):
 * :mod:`cnf_lib.discrete` — invertible maps with log-determinants (chapter 1);
 * :mod:`cnf_lib.odes` — NFE counting, ODE test problems with closed forms, activation memory (chapter 2);
 * :mod:`cnf_lib.singlecell` — AnnData entry points: fit a CNF density to cells, score them, sample (chapter 6);
+* :mod:`cnf_lib.timecourse` — time courses of cells: simulation with true paths, a CNF through all snapshots, baselines (chapter 7);
 * :mod:`cnf_lib.glue` — numbers in the book's prose, recorded for the determinism check.
 """
 
