@@ -246,3 +246,12 @@ def test_history_times_are_cumulative_and_resume_from_old_checkpoints(tmp_path: 
     resumed.load_state_dict(state)
     resumed.fit()
     assert len(resumed.history["cpu_time"]) == 2 and len(resumed.history["time"]) == 4
+
+
+def test_held_out_evaluation_is_adaptive_even_for_a_fixed_step_model() -> None:
+    # a model trained on a fixed grid must not be evaluated on that grid (it can learn the grid)
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(8,), method="rk4", step_size=0.5)
+    trainer = Trainer(model, gaussian_data(64, 0), gaussian_data(64, 1), iterations=1, progress=False)
+    adaptive = -model.log_prob(gaussian_data(64, 1), trace="exact", method="dopri5", rtol=1e-5, atol=1e-5).mean().item()
+    assert trainer.evaluate(gaussian_data(64, 1)) == pytest.approx(adaptive, rel=1e-6)
