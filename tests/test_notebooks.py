@@ -58,3 +58,11 @@ def test_every_page_is_in_the_toc() -> None:
     toc = (ROOT / "_toc.yml").read_text()
     missing = [p.stem for p in PAGES if p.stem != "index" and f"book/{p.stem}" not in toc]
     assert not missing, f"chapters missing from _toc.yml: {missing}"
+
+
+def test_no_page_is_listed_twice_in_the_toc() -> None:
+    import re
+
+    files = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
+    twice = sorted({f for f in files if files.count(f) > 1})
+    assert not twice, f"pages listed more than once in _toc.yml: {twice}"
