@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Small CNFs run many times faster with one torch thread on a busy CPU (see the Performance
-# appendix); the notebooks and tests inherit this. Never set MPLBACKEND=Agg here: executed
+# appendix); the notebooks and tests inherit this. Never force a non-interactive matplotlib backend here: executed
 # notebooks would lose their figures.
 export OMP_NUM_THREADS := 1
 export PYTHONHASHSEED := 0
