@@ -483,6 +483,7 @@ def fit_density(
     batch_size: int = 512,
     lr: float = 1e-2,
     lr_final: float = 1e-3,
+    kinetic: float = 0.0,
     eval_every: int = 25,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -515,7 +516,7 @@ def fit_density(
         solver: :class:`~cnf_lib.cnf.SolverSettings` fields for training; default
             ``dict(trace="hutchinson", rtol=1e-3, atol=1e-3)`` (validation always uses
             :data:`EVAL_SETTINGS`).
-        iterations, batch_size, lr, lr_final, eval_every, seed: Training settings, as in
+        iterations, batch_size, lr, lr_final, kinetic, eval_every, seed: Training settings, as in
             :class:`~cnf_lib.train.TrainConfig` (the seed also draws the split and the initial
             weights). The defaults are those of chapter 6 (700 PBMCs, 5 principal components:
             about half a minute on one CPU core); with ``batch_size`` at least the number of
@@ -523,8 +524,8 @@ def fit_density(
         device: Where the network trains (``"cuda"`` for a GPU).
         progress: Show the trainer's progress bar.
         copy: Work on a copy of ``adata`` and return it.
-        **train_kwargs: Other :class:`~cnf_lib.train.TrainConfig` fields (``kinetic``,
-            ``frobenius``, ``grad_clip``).
+        **train_kwargs: Other :class:`~cnf_lib.train.TrainConfig` fields (``frobenius``,
+            ``grad_clip``).
 
     Returns:
         :py:`None`, or the modified copy if ``copy=True``. ``adata.uns[key_added]`` holds the
@@ -577,7 +578,7 @@ def fit_density(
         torch.manual_seed(seed)
         model = CNF(dim, hidden=tuple(hidden), activation=activation, **settings).to(device)
     config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                         eval_every=eval_every, eval_settings=dict(EVAL_SETTINGS), seed=seed,
+                         kinetic=kinetic, eval_every=eval_every, eval_settings=dict(EVAL_SETTINGS), seed=seed,
                          **train_kwargs)
     trainer = Trainer(model, z_train, z_val, config, progress=progress)
 

@@ -69,11 +69,13 @@ class TrainConfig:
         train_settings: solver settings for the training solves (override the model's).
     """
 
-    iterations: int = 500
-    batch_size: int = 512
-    lr: float = 5e-3
-    lr_final: float = 5e-4
-    kinetic: float = 0.0
+    # The defaults are the 2-D recipe measured in benchmarks/ (bench_recipe.py, RECIPE.md): with
+    # the CNF's default solver (dopri5 at 1e-3) about 15-20 s of one CPU core on a 2-D toy.
+    iterations: int = 300
+    batch_size: int = 128
+    lr: float = 3e-2
+    lr_final: float = 1e-3
+    kinetic: float = 0.05
     frobenius: float = 0.0
     eval_every: int = 100
     eval_settings: dict[str, Any] = field(

@@ -255,3 +255,26 @@ def test_held_out_evaluation_is_adaptive_even_for_a_fixed_step_model() -> None:
     trainer = Trainer(model, gaussian_data(64, 0), gaussian_data(64, 1), iterations=1, progress=False)
     adaptive = -model.log_prob(gaussian_data(64, 1), trace="exact", method="dopri5", rtol=1e-5, atol=1e-5).mean().item()
     assert trainer.evaluate(gaussian_data(64, 1)) == pytest.approx(adaptive, rel=1e-6)
+
+
+def test_the_defaults_are_the_benchmarked_recipe() -> None:
+    # the defaults must be what benchmarks/bench_recipe.py measured (RECIPE in benchmarks/common.py)
+    import importlib.util
+    import sys
+
+    from cnf_lib.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
+    common = importlib.util.module_from_spec(spec)
+    sys.modules["bench_common"] = common  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(common)
+    finally:
+        del sys.modules["bench_common"]
+    defaults = TrainConfig()
+    for name in ("iterations", "batch_size", "lr", "lr_final", "kinetic", "frobenius"):
+        assert getattr(defaults, name) == common.RECIPE[name], name
+    model_defaults = CNF(2).settings
+    for name, value in common.RECIPE["train_settings"].items():
+        assert getattr(model_defaults, name) == value, name
