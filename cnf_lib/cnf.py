@@ -1,6 +1,6 @@
 """The continuous normalizing flow (CNF) on top of ``torchdiffeq``.
 
-Conventions (chapter 8 compares them with other codes):
+Conventions (the book's appendix "Conventions across CNF codes" compares them with other codes):
 
 * time runs from the **prior at t = 0** to the **data at t = t1** (default 1);
 * the field ``f(t, x)`` moves points forward in time, ``dx/dt = f(t, x)``;
