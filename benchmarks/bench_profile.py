@@ -1,8 +1,9 @@
 """Where the time of one training iteration goes, before any lever is pulled.
 
 A CNF with the recipe's field (three hidden layers of 64, tanh) is trained for a few dozen
-iterations on two moons, so that its NFE is typical of mid-training, then one iteration (the
-forward solve with the exact trace, and the backward pass) is taken apart:
+iterations on two moons with the adaptive recipe (dopri5 at 1e-3: the solver this profile led
+away from), so that its NFE is typical of mid-training, then one iteration (the forward solve
+with the exact trace, and the backward pass) is taken apart:
 
 * forward solve vs backward pass;
 * inside the forward solve: the field and its divergence (the same evaluations timed alone)
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common import RECIPE, Timer, interleaved, median
+from common import ADAPTIVE_RECIPE, Timer, interleaved, median
 
 WARMUP_ITERATIONS = 40
 BATCHES = (1, 64, 256, 1024)  # and the recipe's batch
@@ -32,8 +33,8 @@ def _trained_model(quick: bool) -> Any:
 
     moons = make_toy("moons")
     torch.manual_seed(0)
-    model = CNF(2, hidden=RECIPE["hidden"], activation=RECIPE["activation"], **RECIPE["train_settings"])
-    config = {k: v for k, v in RECIPE.items() if k not in ("hidden", "activation", "iterations")}
+    model = CNF(2, hidden=ADAPTIVE_RECIPE["hidden"], activation=ADAPTIVE_RECIPE["activation"], **ADAPTIVE_RECIPE["train_settings"])
+    config = {k: v for k, v in ADAPTIVE_RECIPE.items() if k not in ("hidden", "activation", "iterations")}
     Trainer(model, moons.sample, None, iterations=3 if quick else WARMUP_ITERATIONS, eval_every=0,
             progress=False, **config).fit()
     return model, moons
@@ -44,7 +45,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from cnf_lib import CNF
 
     model, moons = _trained_model(quick)
-    batch = RECIPE["batch_size"]
+    batch = ADAPTIVE_RECIPE["batch_size"]
     x = moons.sample(batch, generator=torch.Generator().manual_seed(5)).float()
     repeats = 3 if quick else 15
 
@@ -90,7 +91,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
 
     # 3. the divergence, per training iteration (same model, same batch)
-    slow = CNF(2, field=AutogradDivergence(model.field), **RECIPE["train_settings"])
+    slow = CNF(2, field=AutogradDivergence(model.field), **ADAPTIVE_RECIPE["train_settings"])
     nfes: dict[str, int] = {}
 
     def step(m: Any, name: str, **kw: Any):

@@ -525,7 +525,8 @@ def fit_density(
         progress: Show the trainer's progress bar.
         copy: Work on a copy of ``adata`` and return it.
         **train_kwargs: Other :class:`~cnf_lib.train.TrainConfig` fields (``frobenius``,
-            ``grad_clip``).
+            ``grad_clip``: no clipping unless given). Training solves use ``solver`` (not the
+            trainer's default fixed grid, which was measured on 2-D toys only).
 
     Returns:
         :py:`None`, or the modified copy if ``copy=True``. ``adata.uns[key_added]`` holds the
@@ -577,6 +578,8 @@ def fit_density(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CNF(dim, hidden=tuple(hidden), activation=activation, **settings).to(device)
+    # the model's own solver (`solver`) and no clipping, unless train_kwargs say otherwise
+    train_kwargs = {"train_settings": {}, "grad_clip": None, **train_kwargs}
     config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                          kinetic=kinetic, eval_every=eval_every, eval_settings=dict(EVAL_SETTINGS), seed=seed,
                          **train_kwargs)

@@ -273,8 +273,27 @@ def test_the_defaults_are_the_benchmarked_recipe() -> None:
     finally:
         del sys.modules["bench_common"]
     defaults = TrainConfig()
-    for name in ("iterations", "batch_size", "lr", "lr_final", "kinetic", "frobenius"):
+    for name in ("iterations", "batch_size", "lr", "lr_final", "kinetic", "frobenius", "grad_clip", "train_settings"):
         assert getattr(defaults, name) == common.RECIPE[name], name
+    # the earlier, adaptive recipes train with the CNF's own default solver
     model_defaults = CNF(2).settings
-    for name, value in common.RECIPE["train_settings"].items():
+    for name, value in common.CHAPTER_RECIPE["train_settings"].items():
         assert getattr(model_defaults, name) == value, name
+
+
+def test_the_default_training_solve_is_four_rk4_steps_and_evaluation_stays_adaptive() -> None:
+    trainer = Trainer(small_model(), gaussian_data(256, 0), gaussian_data(64, 1), iterations=2, eval_every=0,
+                      progress=False)
+    history = trainer.fit()
+    assert history["nfe_forward"] == [16, 16]  # 4 steps x 4 stages, whatever the field
+    assert history["eval_nfe"][-1] > 16 and (history["eval_nfe"][-1] - 2) % 6 == 0  # dopri5's count
+
+
+def test_gradient_clipping_bounds_the_gradient_norm() -> None:
+    norms = {}
+    for clip in (None, 1e-3):
+        trainer = make_trainer(grad_clip=clip)
+        trainer.step()
+        norms[clip] = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()]).item()
+    assert norms[None] > 1e-2  # unclipped, the first gradient is far larger than the bound
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-4)
