@@ -153,6 +153,11 @@ class _Dynamics(nn.Module):
             # the field's own exact divergence (forward-mode Jacobian): one graph, no VJPs
             f, div, frob = exact_method(t, x, frobenius=self.n_extra == 3)
             return (f, div) + ((f.pow(2).sum(1), frob) if self.n_extra == 3 else ())
+        hutchinson_method = getattr(self.field, "divergence_hutchinson", None)
+        if self.settings.trace == "hutchinson" and not self.settings.redraw_probe and callable(hutchinson_method):
+            # the field's own estimator: the probe pushed forward as a tangent, no double backward
+            f, div, frob = hutchinson_method(t, x, self.probe, frobenius=self.n_extra == 3)
+            return (f, div) + ((f.pow(2).sum(1), frob) if self.n_extra == 3 else ())
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)

@@ -101,17 +101,24 @@ class ConcatSquashMLP(nn.Module):
                 h = self.act(h)
         return h
 
-    def _hidden_tangents(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def _hidden_tangents(
+        self, t: Tensor | float, x: Tensor, direction: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Run every layer but the last on the points and their tangents.
 
         Each ConcatSquash layer is applied as one affine map whose weight and bias already carry
         the time gate and shift (``(W h + b) ⊙ g + s = (g ⊙ W) h + (g ⊙ b + s)``), so that the
         gate multiplies a (out, in) matrix instead of every point's activations.
 
+        Arguments:
+            direction: ``None`` for the D coordinate directions (the full Jacobian), or one
+                direction per point, shape (n, D) (a Jacobian-vector product).
+
         Returns:
             ``(h, T, W_L, b_L)``: the last hidden activations (n, width), their tangents
-            ``T[k] = ∂h/∂x_k`` shape (D, n, width) (``None`` when there is no hidden layer), and
-            the last layer's gated weight (D, width) and bias (D,).
+            ``T[k] = ∂h/∂x_k`` shape (D, n, width) (with a ``direction`` ε: shape (1, n, width),
+            ``T[0] = (∂h/∂x) ε``; ``None`` when there is no hidden layer), and the last layer's
+            gated weight (D, width) and bias (D,).
         """
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         h, tangents = x, None
@@ -124,7 +131,10 @@ class ConcatSquashMLP(nn.Module):
                 return h, tangents, weight, bias
             z = F.linear(h, weight, bias)
             # ∂z/∂x_k: at the first layer the same for every point; after it, one batched matmul
-            tangents = weight.T.unsqueeze(1) if tangents is None else F.linear(tangents, weight)
+            if tangents is None:
+                tangents = weight.T.unsqueeze(1) if direction is None else F.linear(direction, weight).unsqueeze(0)
+            else:
+                tangents = F.linear(tangents, weight)
             h = self.act(z)
             tangents = _times_activation_derivative(self.activation, tangents, z, h)
         raise AssertionError("unreachable: the MLP has at least one layer")
@@ -186,6 +196,31 @@ class ConcatSquashMLP(nn.Module):
         else:
             div = (tangents * weight.unsqueeze(1)).sum((0, 2))
         return F.linear(h, weight, bias), div, None
+
+    def divergence_hutchinson(
+        self, t: Tensor | float, x: Tensor, probe: Tensor, frobenius: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``f(t, x)``, Hutchinson's estimate ``εᵀ (∂f/∂x) ε`` and ``‖(∂f/∂x) ε‖²``, in one forward pass.
+
+        The probe ``ε`` travels through the layers as a tangent (a Jacobian-vector product,
+        :meth:`_hidden_tangents` with one direction), so training backpropagates through one
+        ordinary graph instead of differentiating :func:`cnf_lib.trace.divergence_hutchinson`'s
+        vector-Jacobian product a second time. The trace estimate is the same number; the
+        Frobenius estimate uses ``Jε`` where the VJP route uses ``εᵀJ`` (both unbiased).
+
+        Arguments:
+            t: a scalar (tensor or float).
+            x: the points, shape (n, D).
+            probe: one probe per point, shape (n, D) (zero mean, identity covariance).
+            frobenius: also return the Frobenius estimate (else ``None``).
+
+        Returns:
+            ``(f, div, frobenius)``, shapes (n, D), (n,), (n,).
+        """
+        h, tangents, weight, bias = self._hidden_tangents(t, x, direction=probe)
+        jvp = F.linear(probe, weight) if tangents is None else F.linear(tangents[0], weight)  # (n, D)
+        frob = jvp.pow(2).sum(1) if frobenius else None
+        return F.linear(h, weight, bias), (probe * jvp).sum(1), frob
 
 
 class LinearField(nn.Module):

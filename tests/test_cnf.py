@@ -11,7 +11,8 @@ from torch import nn
 import cnf_lib.cnf as cnf_module
 from cnf_lib import CNF, SolverError
 from cnf_lib.cnf import standard_normal_log_prob
-from cnf_lib.fields import LinearField
+from cnf_lib.fields import ConcatSquashMLP, LinearField
+from test_fields import Opaque  # a field without its own divergence methods
 
 TIGHT = dict(rtol=1e-8, atol=1e-8)
 
@@ -89,14 +90,21 @@ def test_encode_decode_round_trip_shrinks_with_tolerance() -> None:
 
 
 def test_probe_is_fixed_within_a_solve_and_redrawn_between(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the probe reaches either the field's own estimator (forward mode) or the VJP one (redraw_probe)
     seen: list[torch.Tensor] = []
     original = cnf_module.divergence_hutchinson
+    original_field = ConcatSquashMLP.divergence_hutchinson
 
     def spy(f, x, probe, create_graph=True):
         seen.append(probe.clone())
         return original(f, x, probe, create_graph)
 
+    def field_spy(self, t, x, probe, frobenius=True):
+        seen.append(probe.clone())
+        return original_field(self, t, x, probe, frobenius)
+
     monkeypatch.setattr(cnf_module, "divergence_hutchinson", spy)
+    monkeypatch.setattr(ConcatSquashMLP, "divergence_hutchinson", field_spy)
     model = CNF(2, hidden=(16,), trace="hutchinson")
     x = torch.randn(10, 2)
     g = torch.Generator().manual_seed(0)
@@ -233,6 +241,7 @@ def test_hutchinson_frobenius_reuses_the_trace_vjp(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.autograd, "grad", counting)
     torch.manual_seed(0)
     model = CNF(2, hidden=(16, 16), trace="hutchinson")
+    model.field = Opaque(model.field)  # the VJP route (the field's own estimator needs no autograd.grad)
     x = torch.randn(32, 2)
     per_eval = []
     for regularize in (False, True):
@@ -316,3 +325,4 @@ def test_seminorm_adjoint_keeps_the_solver_options(monkeypatch: pytest.MonkeyPat
     model = CNF(2, hidden=(8,), adjoint=True, adjoint_seminorm=True, max_num_steps=123)
     model.log_prob(torch.randn(5, 2))
     assert seen["adjoint_options"] == {"max_num_steps": 123, "norm": "seminorm"}
+

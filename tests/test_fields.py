@@ -8,7 +8,7 @@ from torch import nn
 
 from cnf_lib import CNF
 from cnf_lib.fields import ACTIVATIONS, ConcatSquashMLP, LinearField
-from cnf_lib.trace import divergence_exact
+from cnf_lib.trace import divergence_exact, divergence_hutchinson
 
 
 def _field(dim: int, hidden: tuple[int, ...], activation: str, seed: int = 0) -> ConcatSquashMLP:
@@ -21,7 +21,7 @@ def _field(dim: int, hidden: tuple[int, ...], activation: str, seed: int = 0) ->
 
 
 class Opaque(nn.Module):
-    """Hides a field's ``divergence`` method, so that the CNF falls back to autograd."""
+    """Hides a field's ``divergence`` methods, so that the CNF falls back to autograd."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -121,3 +121,51 @@ def test_divergence_without_frobenius_is_the_same_trace(activation: str, dim: in
     assert none is None
     torch.testing.assert_close(f2, f, rtol=0, atol=1e-12)
     torch.testing.assert_close(div2, div, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(("dim", "hidden"), [(1, (5,)), (2, (16, 16, 16)), (10, (8, 7)), (3, ())])
+def test_forward_mode_hutchinson_is_the_vjp_estimate(activation: str, dim: int, hidden: tuple[int, ...]) -> None:
+    field = _field(dim, hidden, activation)
+    g = torch.Generator().manual_seed(2)
+    x = 1.5 * torch.randn(33, dim, dtype=torch.float64, generator=g)
+    probe = torch.randn(33, dim, dtype=torch.float64, generator=g)
+    t = torch.tensor(0.37, dtype=torch.float64)
+    f, div, frob = field.divergence_hutchinson(t, x, probe)
+    xg = x.clone().requires_grad_(True)
+    f_ref = field(t, xg)
+    div_ref, _ = divergence_hutchinson(f_ref, xg, probe)  # εᵀJε by a vector-Jacobian product
+    _, J = field.forward_with_jacobian(t, x)  # (n, D, D)
+    jvp = torch.einsum("nij,nj->ni", J, probe)
+    torch.testing.assert_close(f, f_ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(div, div_ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(frob, jvp.pow(2).sum(1), rtol=1e-10, atol=1e-10)
+    assert field.divergence_hutchinson(t, x, probe, frobenius=False)[2] is None
+
+
+def test_forward_mode_hutchinson_parameter_gradients_match_autograd() -> None:
+    field = _field(4, (10, 10), "tanh", seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(17, 4, dtype=torch.float64, generator=g)
+    probe = torch.randn(17, 4, dtype=torch.float64, generator=g)
+    t = torch.tensor(0.2, dtype=torch.float64)
+    f, div, _ = field.divergence_hutchinson(t, x, probe)
+    (f.sum() + div.sum()).backward()
+    fast = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad()
+    xg = x.clone().requires_grad_(True)
+    f_ref = field(t, xg)
+    div_ref, _ = divergence_hutchinson(f_ref, xg, probe)
+    (f_ref.sum() + div_ref.sum()).backward()
+    for a, b in zip(fast, (p.grad for p in field.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_cnf_hutchinson_uses_the_field_estimator_with_the_same_probe() -> None:
+    field = _field(3, (16, 16), "tanh", seed=5)
+    fast = CNF(3, field=field, trace="hutchinson", rtol=1e-9, atol=1e-9).double()
+    slow = CNF(3, field=Opaque(field), trace="hutchinson", rtol=1e-9, atol=1e-9).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    lp_fast = fast.log_prob(x, generator=torch.Generator().manual_seed(0))
+    lp_slow = slow.log_prob(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lp_fast, lp_slow, rtol=1e-9, atol=1e-9)

@@ -197,7 +197,14 @@ def test_adjoint_backward_failure_is_a_training_error() -> None:
         out = original_forward(t, x)
         return out * float("nan") if state["poison"] else out
 
+    original_hutchinson = field.divergence_hutchinson  # the route the CNF takes for this field
+
+    def hutchinson(t, x, probe, frobenius=True):
+        f, div, frob = original_hutchinson(t, x, probe, frobenius)
+        return (f * float("nan") if state["poison"] else f), div, frob
+
     field.forward = forward
+    field.divergence_hutchinson = hutchinson
     original = trainer.model.log_prob_result
 
     def poison_on_backward(*args, **kwargs):
