@@ -177,7 +177,10 @@ def markdown(r: dict[str, Any]) -> str:
     for key, fn in (("profile", _profile), ("recipe", _recipe), ("peer", _peer), ("trace", _trace),
                     ("book", _book)):
         if key in r:
-            out += fn(r[key])
+            section = fn(r[key])
+            if r[key].get("date"):  # a partial run (--only) refreshes some sections, not all
+                section[1:1] = ["", f"Measured {r[key]['date']}."]
+            out += section
     return "\n".join(out) + "\n"
 
 

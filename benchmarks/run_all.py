@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         section = module.run(quick=args.quick)
         section["seconds"] = time.perf_counter() - t0
         section["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        section["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         results[name] = section
         with open(json_path, "w") as fh:  # after each section: an interrupted run keeps its work
             json.dump(results, fh, indent=1)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, fh, indent=1)
     with open(os.path.join(here, stem + ".md"), "w") as fh:
         fh.write(markdown(results))
-    print(f"wrote {json_path} and {stem}.md in {results['seconds']:.0f} s")
+    print(f"wrote {json_path} and {stem}.md (the sections' own times add up to {results['seconds']:.0f} s)")
     return 0
 
 
