@@ -33,8 +33,9 @@ def _trained_model(quick: bool) -> Any:
 
     moons = make_toy("moons")
     torch.manual_seed(0)
-    model = CNF(2, hidden=ADAPTIVE_RECIPE["hidden"], activation=ADAPTIVE_RECIPE["activation"], **ADAPTIVE_RECIPE["train_settings"])
-    config = {k: v for k, v in ADAPTIVE_RECIPE.items() if k not in ("hidden", "activation", "iterations")}
+    recipe = ADAPTIVE_RECIPE
+    model = CNF(2, hidden=recipe["hidden"], activation=recipe["activation"], **recipe["train_settings"])
+    config = {k: v for k, v in recipe.items() if k not in ("hidden", "activation", "iterations")}
     Trainer(model, moons.sample, None, iterations=3 if quick else WARMUP_ITERATIONS, eval_every=0,
             progress=False, **config).fit()
     return model, moons

@@ -147,34 +147,34 @@ class _Dynamics(nn.Module):
         x = state[0]
         if self.n_extra == 0:
             return (self.field(t, x),)
-        create_graph = torch.is_grad_enabled()
+        f, div, frob = self._divergence(t, x, frobenius=self.n_extra == 3)
+        if self.n_extra == 3:
+            return f, div, f.pow(2).sum(1), frob
+        return f, div
+
+    def _divergence(self, t: Tensor, x: Tensor, frobenius: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(f, div, Frobenius)``: by the field's own forward-mode methods where it has them (one
+        graph, no vector-Jacobian products), else by autograd (:mod:`cnf_lib.trace`)."""
+        s = self.settings
         exact_method = getattr(self.field, "divergence", None)
-        if self.settings.trace == "exact" and callable(exact_method):
-            # the field's own exact divergence (forward-mode Jacobian): one graph, no VJPs
-            f, div, frob = exact_method(t, x, frobenius=self.n_extra == 3)
-            return (f, div) + ((f.pow(2).sum(1), frob) if self.n_extra == 3 else ())
+        if s.trace == "exact" and callable(exact_method):
+            return exact_method(t, x, frobenius=frobenius)
         hutchinson_method = getattr(self.field, "divergence_hutchinson", None)
-        if self.settings.trace == "hutchinson" and not self.settings.redraw_probe and callable(hutchinson_method):
-            # the field's own estimator: the probe pushed forward as a tangent, no double backward
-            f, div, frob = hutchinson_method(t, x, self.probe, frobenius=self.n_extra == 3)
-            return (f, div) + ((f.pow(2).sum(1), frob) if self.n_extra == 3 else ())
+        if s.trace == "hutchinson" and not s.redraw_probe and callable(hutchinson_method):
+            return hutchinson_method(t, x, self.probe, frobenius=frobenius)
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             f = self.field(t, x)
-            if self.settings.trace == "exact":
+            if s.trace == "exact":
                 div, frob = divergence_exact(f, x, create_graph=create_graph)
             else:
-                probe = self.probe
-                if self.settings.redraw_probe:
-                    probe = sample_probe(x, self.settings.probe, self.generator)
+                probe = sample_probe(x, s.probe, self.generator) if s.redraw_probe else self.probe
                 div, frob = divergence_hutchinson(f, x, probe, create_graph=create_graph)
         if not create_graph:
             f, div, frob = f.detach(), div.detach(), frob.detach()
-        out: tuple[Tensor, ...] = (f, div)
-        if self.n_extra == 3:
-            out = out + (f.pow(2).sum(1), frob)
-        return out
+        return f, div, frob
 
 
 @dataclass

@@ -325,4 +325,3 @@ def test_seminorm_adjoint_keeps_the_solver_options(monkeypatch: pytest.MonkeyPat
     model = CNF(2, hidden=(8,), adjoint=True, adjoint_seminorm=True, max_num_steps=123)
     model.log_prob(torch.randn(5, 2))
     assert seen["adjoint_options"] == {"max_num_steps": 123, "norm": "seminorm"}
-
