@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from .datasets import check_points
+from .checks import check_points, module_device, randn
 from .fields import ConcatSquashMLP
 from .trace import PROBES, divergence_exact, divergence_hutchinson, sample_probe
 
@@ -236,11 +236,32 @@ class CNF(nn.Module):
         self.field = field if field is not None else ConcatSquashMLP(self.dim, hidden, activation)
         self.t1 = float(t1)
         self.settings = SolverSettings().update(**settings)
-        self._config = dict(dim=self.dim, hidden=tuple(hidden), activation=activation, t1=self.t1)
+        if field is None:
+            self._config = dict(dim=self.dim, field="ConcatSquashMLP", hidden=tuple(int(h) for h in hidden),
+                                activation=activation, t1=self.t1)
+        else:  # a custom field: its class names it; hidden/activation were not used
+            self._config = dict(dim=self.dim, field=type(field).__qualname__, t1=self.t1)
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments (default field) and settings, plain values only."""
+        """What rebuilds this model, as plain values: ``dim``, ``field`` (the field's class name),
+        ``hidden`` and ``activation`` (the default field only), ``t1`` and ``settings``."""
         return {**self._config, "settings": asdict(self.settings)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CNF":
+        """A new model (fresh parameters) from :meth:`config` of a model with the default field."""
+        if config.get("field", "ConcatSquashMLP") != "ConcatSquashMLP":
+            raise ValueError(
+                f"this CNF was built with a custom field ({config['field']}); build it the same way "
+                "and load its parameters with cnf_lib.saving.load_model(path, model=...)"
+            )
+        return cls(int(config["dim"]), hidden=tuple(int(h) for h in config["hidden"]),
+                   activation=str(config["activation"]), t1=float(config["t1"]), **config["settings"])
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (where it computes, and where results are returned)."""
+        return module_device(self)
 
     def _points(self, x: Tensor, name: str) -> Tensor:
         """Validate points (shape (n, D), finite) and move them to the model's dtype and device."""
@@ -283,6 +304,10 @@ class CNF(nn.Module):
         dyn = _Dynamics(self.field, s, probe, n_extra, generator)
 
         zeros = x.new_zeros(x.shape[0])
+        if float(t_start) == float(t_end):  # an empty span: the identity map, no solve
+            return FlowResult(x=x, delta_logp=zeros if n_extra else None,
+                              kinetic=zeros if n_extra == 3 else None,
+                              frobenius=zeros if n_extra == 3 else None, nfe_forward=0, _dynamics=dyn)
         state = (x,) + (zeros,) * n_extra
         times = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
         sign = 1.0 if t_end >= t_start else -1.0
@@ -327,7 +352,8 @@ class CNF(nn.Module):
 
         Arguments:
             x: points, shape (n, D).
-            t: the time whose marginal density is evaluated (the data's is ``t1``).
+            t: the time whose marginal density is evaluated (the data's is ``t1``; at ``t=0`` it
+                is the prior's, with no solve).
             generator: for the Hutchinson probe.
             **overrides: solver settings for this call (e.g. ``trace="exact", rtol=1e-5``).
         """
@@ -361,11 +387,15 @@ class CNF(nn.Module):
     def sample(
         self, n: int, t: float | None = None, *, generator: torch.Generator | None = None, **overrides: Any
     ) -> Tensor:
-        """Draw ``n`` samples of the model at time ``t`` (default ``t1``), shape (n, D)."""
+        """Draw ``n`` samples of the model at time ``t`` (default ``t1``), shape (n, D).
+
+        The prior draws come from ``generator`` on its own device (a CPU generator gives the same
+        draws for a model on any device; :mod:`cnf_lib.checks`); the samples are on the model's device.
+        """
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         param = next(self.parameters())
-        z = torch.randn(int(n), self.dim, generator=generator, dtype=param.dtype, device=param.device)
+        z = randn((int(n), self.dim), generator, param.dtype, param.device)
         return self.decode(z, t, **overrides)
 
     def trajectory(self, points: Tensor, times: Sequence[float] | Tensor, **overrides: Any) -> Tensor:
@@ -380,7 +410,7 @@ class CNF(nn.Module):
             Positions, shape (T, n, D).
         """
         x = self._points(points, "points")
-        times = torch.as_tensor(times, dtype=x.dtype).flatten()
+        times = torch.as_tensor(times, dtype=x.dtype).flatten().to(x.device)
         if times.numel() < 2:
             raise ValueError(f"times needs at least 2 values, got {times.numel()}")
         steps = times[1:] - times[:-1]

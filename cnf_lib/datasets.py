@@ -19,8 +19,8 @@ name               what                                              log-density
 
 All toys are roughly standardized (mean 0, per-coordinate standard deviation between 1 and 2.4)
 so that one model recipe fits them all. The module also holds :class:`Standardizer`, which keeps
-a data set's standardization (and its log-Jacobian) with the data, and :func:`check_points`, the
-input validation used across ``cnf_lib``.
+a data set's standardization (and its log-Jacobian) with the data. (:func:`check_points`, the
+input validation, lives in :mod:`cnf_lib.checks`; it is re-exported here.)
 
 References:
     Grathwohl et al. (2019), FFJORD: Free-form continuous dynamics for scalable reversible
@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .checks import check_points
 
 __all__ = [
     "TOY_NAMES",
@@ -66,85 +68,6 @@ TOY_NAMES: tuple[str, ...] = (
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _F64 = torch.float64
-
-# --------------------------------------------------------------------------------------------
-# Input validation
-# --------------------------------------------------------------------------------------------
-
-
-def check_points(
-    x: Any,
-    name: str = "x",
-    dim: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    r"""Validates a batch of points and returns it as a tensor of shape :math:`(n, D)`.
-
-    Arguments:
-        x: The points: a tensor, a NumPy array or anything :func:`numpy.asarray` accepts,
-            with shape :math:`(n, D)` and a real (integer or floating) dtype.
-        name: The name used for ``x`` in error messages.
-        dim: The expected number of columns :math:`D`, or :py:`None` for any.
-        dtype: The floating dtype of the result.
-
-    Returns:
-        A tensor of dtype ``dtype`` and shape :math:`(n, D)`, on the device of ``x`` if ``x`` is
-        a tensor (on the CPU otherwise). Gradients flow through it.
-
-    Raises:
-        ValueError: If ``x`` is not numeric, not 2-D, empty (no rows or no columns), has the wrong
-            number of columns, or holds NaN or infinite values; the message names the problem.
-    """
-    if isinstance(x, torch.Tensor):
-        if x.dtype == torch.bool or x.is_complex():
-            raise ValueError(f"{name} must be numeric (real numbers); got dtype {x.dtype}")
-        t = x
-    else:
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as e:  # e.g. ragged nested lists
-            raise ValueError(f"{name} could not be read as a numeric 2-D array: {e}") from None
-        if arr.dtype.kind == "O":
-            try:
-                arr = arr.astype(np.float64)
-            except (ValueError, TypeError):
-                raise ValueError(
-                    f"{name} must be numeric (real numbers); got an object array "
-                    "holding non-numbers"
-                ) from None
-        if arr.dtype.kind not in "iuf":
-            raise ValueError(f"{name} must be numeric (real numbers); got dtype {arr.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-
-    shape = tuple(t.shape)
-    if t.ndim != 2:
-        hint = ""
-        if t.ndim == 1:
-            hint = " (use x[None] for a single point or x[:, None] for one feature)"
-        raise ValueError(
-            f"{name} must be a 2-D array of shape (n, D); got {t.ndim}-D shape {shape}{hint}"
-        )
-    n, d = shape
-    if n == 0:
-        raise ValueError(f"{name} is empty: it has 0 rows (shape {shape})")
-    if d == 0:
-        raise ValueError(f"{name} is empty: it has 0 columns (shape {shape})")
-    if dim is not None and d != dim:
-        raise ValueError(f"{name} must have {dim} columns (expected D = {dim}); got {d}, "
-                         f"shape {shape}")
-
-    t = t.to(dtype)
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        nan_rows = int(torch.isnan(t).any(dim=1).sum())
-        inf_rows = int(torch.isinf(t).any(dim=1).sum())
-        bad = int((~finite.all(dim=1)).nonzero()[0, 0])
-        raise ValueError(
-            f"{name} has non-finite values: {nan_rows} row(s) with NaN and {inf_rows} row(s) "
-            f"with inf, out of {n} (first bad row: {bad})"
-        )
-    return t
-
 
 def _check_count(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:

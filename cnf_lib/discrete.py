@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .datasets import check_points
+from .checks import check_points
 
 __all__ = [
     "Bijection",

@@ -39,7 +39,7 @@ import torch
 from numpy.typing import ArrayLike
 from scipy.spatial.distance import cdist
 
-from .datasets import check_points
+from .checks import check_points
 
 ArrayOrTensor = ArrayLike | torch.Tensor
 
@@ -67,7 +67,7 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 
 
 def _points(x: Any, name: str) -> np.ndarray:
-    """Checks a point cloud (with :func:`cnf_lib.datasets.check_points`) and returns it as a
+    """Checks a point cloud (with :func:`cnf_lib.checks.check_points`) and returns it as a
     float64 array of shape (n, D). A 1-d input of shape (n,) is read as n points in one dimension.
     """
 

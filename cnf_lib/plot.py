@@ -55,6 +55,8 @@ from matplotlib.axes import Axes
 from numpy.typing import ArrayLike
 from scipy.special import logsumexp
 
+from .checks import module_device
+
 if TYPE_CHECKING:
     from IPython.display import HTML
 
@@ -82,6 +84,13 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a numeric array or tensor ({e})") from None
+
+
+def _device_of(fn: Any) -> torch.device:
+    """Where a callable computes: the device of a module, or of the module a bound method
+    belongs to (``model.log_prob``); the CPU for anything else."""
+    owner = getattr(fn, "__self__", fn)
+    return module_device(owner) if isinstance(owner, torch.nn.Module) else torch.device("cpu")
 
 
 def _check_finite(x: np.ndarray, name: str) -> None:
@@ -199,7 +208,8 @@ def density_grid(
         bounds: The box, ``(lo, hi)`` for both axes or ``((xlo, xhi), (ylo, yhi))``.
         n: The number of cells per axis.
         batch: The largest number of points per call.
-        device: The device of the points given to ``log_prob_fn`` (CPU if :py:`None`).
+        device: The device of the points given to ``log_prob_fn`` (:py:`None`: the device of
+            the module it is, or is a method of, e.g. ``model.log_prob``; else the CPU).
 
     Returns:
         ``(X, Y, logp, cell_area)``: the cell centres ``X`` and ``Y`` as
@@ -224,6 +234,7 @@ def density_grid(
     X, Y = np.meshgrid(xs, ys)
 
     points = torch.as_tensor(np.stack((X.ravel(), Y.ravel()), axis=-1))
+    device = _device_of(log_prob_fn) if device is None else device
     points = points.to(dtype=torch.get_default_dtype(), device=device)
     chunks = []
 
@@ -500,7 +511,8 @@ def plot_vector_field(
         field_fn: The field, a callable ``field_fn(t, x)`` from a time and :math:`(m, 2)`
             points to :math:`(m, 2)` velocities. ``t`` is passed as a 0-d tensor, as
             :func:`torchdiffeq.odeint` does (it behaves like a float in arithmetic). Called once,
-            under :func:`torch.no_grad`.
+            under :func:`torch.no_grad`, with points on the field's device (that of the module
+            it is or belongs to; else the CPU).
         t: The time.
         bounds: The box, ``(lo, hi)`` or ``((xlo, xhi), (ylo, yhi))``.
         n: The number of grid points per axis.
@@ -524,10 +536,10 @@ def plot_vector_field(
     xs, ys = np.linspace(box[0], box[1], n), np.linspace(box[2], box[3], n)
     X, Y = np.meshgrid(xs, ys)
     points = torch.as_tensor(np.stack((X.ravel(), Y.ravel()), axis=-1))
-    points = points.to(torch.get_default_dtype())
+    points = points.to(torch.get_default_dtype()).to(_device_of(field_fn))
 
     with torch.no_grad():
-        v = field_fn(torch.as_tensor(float(t), dtype=points.dtype), points)
+        v = field_fn(torch.as_tensor(float(t), dtype=points.dtype, device=points.device), points)
 
     v = _to_numpy(v, "field_fn output")
 

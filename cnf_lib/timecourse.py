@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .cnf import CNF, SolverError, standard_normal_log_prob
-from .datasets import check_points
+from .checks import check_points
 from .metrics import ot_interpolate
 from .singlecell import get_representation
 from .train import TrainConfig, TrainingError

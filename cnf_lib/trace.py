@@ -14,6 +14,8 @@ The probe must be drawn **once per solve** and reused at every evaluation (Grath
 shrinks its steps. :func:`sample_probe` draws it; the CNF keeps it fixed for one solve.
 
 References:
+    Girard (1989). A fast 'Monte-Carlo cross-validation' procedure for large least squares
+    problems with noisy data (the Gaussian probe).
     Hutchinson (1990). A stochastic estimator of the trace of the influence matrix.
     Grathwohl et al. (2019). FFJORD. https://arxiv.org/abs/1810.01367
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .checks import rademacher, randn
 
 __all__ = ["PROBES", "sample_probe", "divergence_exact", "divergence_hutchinson"]
 
@@ -34,16 +38,17 @@ def sample_probe(like: Tensor, kind: str = "rademacher", generator: torch.Genera
     Arguments:
         like: a tensor whose shape, dtype and device the probe takes, shape (n, D).
         kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (entries N(0, 1)).
-        generator: optional torch generator for reproducible probes.
+        generator: optional torch generator for reproducible probes. The numbers are drawn on
+            its device and moved to ``like``'s (:mod:`cnf_lib.checks`): a CPU generator gives
+            the same probe for a CPU and a CUDA ``like``.
 
     Returns:
-        The probe, shape (n, D).
+        The probe, shape (n, D), on ``like``'s device.
     """
     if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        return randn(like.shape, generator, like.dtype, like.device)
     if kind == "rademacher":
-        bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
-        return bits.to(like.dtype) * 2 - 1
+        return rademacher(like.shape, generator, like.dtype, like.device)
     raise ValueError(f"unknown probe {kind!r}; expected one of {PROBES}")
 
 

@@ -1,17 +1,20 @@
-"""Training a CNF by maximum likelihood: seeded, resumable, with progress and a history.
+"""The one training loop of ``cnf_lib``: seeded, resumable anywhere, guarded, with progress.
 
-One :class:`Trainer` owns the model, the optimizer, a random generator (mini-batches and
-Hutchinson probes) and the history. The learning rate follows a cosine from ``lr`` to
-``lr_final`` over ``iterations``, computed from the iteration number, so a run can stop and
-resume anywhere. A checkpoint holds everything that decides the next iteration (parameters,
-Adam's moments, the generator's state, the iteration, the history): ``N`` iterations, save,
-load, ``M`` more gives the same parameters and losses as ``N + M`` in one run, on a CPU exactly.
+One :class:`Trainer` owns the model, the optimizer, a CPU random generator (mini-batches and
+Hutchinson probes; see :mod:`cnf_lib.checks` for the rule on devices) and the history; an
+objective (:mod:`cnf_lib.objectives`; by default maximum likelihood with RNODE regularizers)
+says what one iteration minimizes. The learning rate follows a cosine from ``lr`` to
+``lr_final`` over ``iterations``, computed from the iteration number.
 
-The loss of one iteration on a batch ``x`` is::
-
-    -mean log p(x) + kinetic * mean ∫‖f‖² dt + frobenius * mean ∫‖∂f/∂x‖²_F dt
-
-(the regularizers of RNODE, Finlay et al. 2020, integrated as extra ODE states).
+**Exact resume, wherever the interrupt lands.** A checkpoint holds everything that decides the
+next iteration (parameters, Adam's moments, the generator's state, the iteration, the history).
+An iteration is a transaction: if it is interrupted (``KeyboardInterrupt``) before its optimizer
+step, the generator is rewound to the iteration's start, so the checkpoint written on the
+interrupt is the state between two iterations; the optimizer step and the bookkeeping that
+follows it run with ``SIGINT`` deferred to their end. Held-out evaluations draw from a generator
+of their own, seeded by the iteration, and an evaluation cut short is redone on resume. So
+``N`` iterations, an interrupt anywhere, resume, finish gives the same parameters and losses as
+an uninterrupted run, on a CPU exactly.
 
 A non-finite loss, a non-finite gradient or a solver failure (forward, or the adjoint's
 backward) stops training with :class:`TrainingError`, which says what happened and what to try;
@@ -21,29 +24,32 @@ the parameters are those of the last good iteration, and the history and (with
 
 from __future__ import annotations
 
-import io
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import nn
 from tqdm.auto import tqdm
 
-from .cnf import CNF, SolverError
-from .datasets import check_points, make_toy
+from .cnf import SolverError
+from .objectives import MaximumLikelihood, Objective
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "TrainJob", "fit_jobs", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
+           "config_differences"]
 
 CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
-Sampler = Callable[[int, torch.Generator], Tensor]
+# Fields of TrainConfig that may change between a checkpoint and its resume (they decide no number).
+_BOOKKEEPING = ("checkpoint_every",)
 
 
 class TrainingError(RuntimeError):
@@ -101,88 +107,123 @@ class TrainConfig:
         return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * frac))
 
 
+def config_differences(saved: Mapping[str, Any], mine: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The names (dotted for nested dictionaries) of the entries that differ between two configs,
+    each with both values, e.g. ``["activation: saved 'softplus', here 'tanh'"]``."""
+    out = []
+    for key in sorted(set(saved) | set(mine), key=str):
+        a, b = saved.get(key, "<missing>"), mine.get(key, "<missing>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            out.append(f"{prefix}{key}: saved {a!r}, here {b!r}")
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """Tuples and lists compare equal; tensors and NumPy scalars compare by value."""
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Run a block with SIGINT held back: a Ctrl-C during it raises ``KeyboardInterrupt`` at its end.
+
+    Only in the main thread and when Python's default SIGINT handler is installed (elsewhere the
+    block runs as is)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class Trainer:
-    """Trains a :class:`~cnf_lib.cnf.CNF` by maximum likelihood.
+    """Trains a model (a :class:`~cnf_lib.cnf.CNF` by default) by minimizing an objective.
 
     Arguments:
-        model: the CNF.
-        train_data: a tensor of training points (n, D), or a sampler ``(n, generator) -> (n, D)``
+        model: the model: a :class:`~cnf_lib.cnf.CNF`, or any module the objective knows (the
+            time-course model of :mod:`cnf_lib.timecourse`). It must have a ``config()``.
+        train_data: what the objective draws batches from; for maximum likelihood a tensor of
+            training points (n, D) on any device, or a sampler ``(n, generator) -> (n, D)``
             that draws fresh points (the 2-D toys' ``sample``).
-        test_data: held-out points (m, D) for the NLL at intervals, or ``None``.
+        test_data: held-out data for the NLL at intervals (points (m, D) for maximum
+            likelihood), or ``None``.
         config: a :class:`TrainConfig` (or pass its fields as keyword arguments).
+        objective: what one iteration minimizes (default :class:`~cnf_lib.objectives.MaximumLikelihood`).
         checkpoint_path: where checkpoints are written (and read by :meth:`resume`).
-        progress: show a tqdm bar with the loss and the NFE.
+        progress: show a tqdm bar with the loss, the NFE and the last held-out NLL.
 
     Attributes:
         history: lists per iteration (``iteration``, ``loss``, ``nll``, ``nfe_forward``,
             ``nfe_backward`` (the adjoint's backward solve; 0 without the adjoint), ``time`` and
-            ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``)
-            and per evaluation (``eval_iteration``, ``test_nll``, ``eval_nfe``).
+            ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``,
+            and the objective's ``records``) and per evaluation (``eval_iteration``, ``test_nll``,
+            ``eval_nfe``).
         iteration: iterations done.
+        generator: the CPU generator of batches and probes (seeded by ``config.seed``).
     """
 
     def __init__(
         self,
-        model: CNF,
-        train_data: Tensor | Sampler,
-        test_data: Tensor | None = None,
+        model: nn.Module,
+        train_data: Any,
+        test_data: Any = None,
         config: TrainConfig | None = None,
         *,
+        objective: Objective | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         progress: bool = True,
         **config_fields: Any,
     ) -> None:
         if config is not None and config_fields:
             raise ValueError("pass either config= or its fields as keyword arguments, not both")
+        if config is None:
+            known = set(TrainConfig.__dataclass_fields__)
+            unknown = sorted(set(config_fields) - known)
+            if unknown:
+                raise ValueError(f"unknown training setting(s) {unknown}; TrainConfig has: {sorted(known)}")
         self.config = config if config is not None else TrainConfig(**config_fields)
         self.model = model
-        if callable(train_data) and not isinstance(train_data, Tensor):
-            self.sampler: Sampler | None = train_data
-            self.train_data: Tensor | None = None
-        else:
-            self.sampler = None
-            self.train_data = check_points(train_data, "train_data", dim=model.dim)
-        self.test_data = None if test_data is None else check_points(test_data, "test_data", dim=model.dim)
+        self.objective = objective if objective is not None else MaximumLikelihood()
+        self.train_data = self.objective.check_data(model, train_data, "train_data")
+        self.test_data = None if test_data is None else self.objective.check_data(model, test_data, "test_data")
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.progress = progress
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
         self.iteration = 0
+        self._saved_at: int | None = None
         self.history: dict[str, list[float]] = {
-            k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time",
-                            "lr", "eval_iteration", "test_nll", "eval_nfe")
+            k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time", "lr",
+                            *self.objective.records, "eval_iteration", "test_nll", "eval_nfe")
         }
 
     # -- one step -------------------------------------------------------------------------------
-    def _batch(self) -> Tensor:
-        b = self.config.batch_size
-        if self.sampler is not None:
-            return check_points(self.sampler(b, self.generator), "sampled batch", dim=self.model.dim)
-        n = self.train_data.shape[0]
-        if b >= n:
-            return self.train_data
-        idx = torch.randperm(n, generator=self.generator)[:b]
-        return self.train_data[idx]
-
-    def step(self) -> dict[str, float]:
-        """One optimizer step; returns its loss, NLL and NFE."""
+    def _gradient(self) -> dict[str, float]:
+        """Everything of one iteration before the optimizer step: the batch, the loss, its
+        gradient (checked finite, clipped). Draws from the generator; changes no parameter."""
         cfg = self.config
         lr = cfg.lr_at(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = self._batch()
-        regularize = cfg.kinetic > 0 or cfg.frobenius > 0
+        batch = self.objective.batch(self.train_data, cfg.batch_size, self.generator)
         self.model.train()
         try:
-            logp, res = self.model.log_prob_result(
-                x, regularize=regularize, generator=self.generator, **cfg.train_settings
-            )
+            loss, records, result = self.objective.loss(self.model, batch, cfg, self.generator)
         except SolverError as err:
             raise TrainingError(f"iteration {self.iteration}: {err}") from err
-        nll = -logp.mean()
-        loss = nll
-        if regularize:
-            loss = loss + cfg.kinetic * res.kinetic.mean() + cfg.frobenius * res.frobenius.mean()
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"iteration {self.iteration}: the loss is {loss.item()} (not finite). The parameters are "
@@ -215,55 +256,82 @@ class Trainer:
             )
         if cfg.grad_clip is not None and params:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, total_norm)
+        return dict(loss=loss.item(), lr=lr, nfe_backward=result.nfe_backward, **records)
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step; returns its loss, NLL, NFE and learning rate (not recorded in the
+        history: :meth:`fit` records its iterations)."""
+        rec = self._gradient()
         self.optimizer.step()
-        return dict(loss=loss.item(), nll=nll.item(), nfe_forward=res.nfe_forward,
-                    nfe_backward=res.nfe_backward, lr=lr)
+        return rec
+
+    def _iterate(self) -> dict[str, float]:
+        """One iteration as a transaction: if anything before the optimizer step raises
+        (an interrupt, a TrainingError), the generator is rewound and nothing has changed."""
+        gen_state = self.generator.get_state()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            rec = self._gradient()
+        except BaseException:
+            self.generator.set_state(gen_state)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        with _interrupts_deferred():
+            self.optimizer.step()
+            h = self.history
+            h.setdefault("cpu_time", [])  # (absent from older checkpoints)
+            h["time"].append((h["time"][-1] if h["time"] else 0.0) + time.perf_counter() - start)
+            h["cpu_time"].append((h["cpu_time"][-1] if h["cpu_time"] else 0.0) + time.process_time() - cpu_start)
+            self.iteration += 1
+            h["iteration"].append(self.iteration)
+            for k in ("loss", "nll", "nfe_forward", "nfe_backward", "lr", *self.objective.records):
+                h.setdefault(k, []).append(rec[k])
+        return rec
+
+    def _finish_iteration(self) -> None:
+        """The evaluation and checkpoint due at the current iteration, unless already done
+        (they are redone on resume when an interrupt cut them short)."""
+        cfg, h = self.config, self.history
+        if self.iteration == 0:
+            return
+        last = self.iteration == cfg.iterations
+        due = (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
+        if self.test_data is not None and due and not (h["eval_iteration"] and h["eval_iteration"][-1] == self.iteration):
+            self.evaluate()
+        due = (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
+        if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
+            self.save(self.checkpoint_path)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, list[float]]:
         """Train until iteration ``until`` (default: ``config.iterations``); returns the history.
 
         Raises:
-            TrainingError: on a non-finite loss or a solver failure (history and checkpoint kept).
-            KeyboardInterrupt: re-raised after saving a checkpoint (when a path is set).
+            TrainingError: on a non-finite loss or gradient or a solver failure: the parameters
+                are those of the last good iteration; history and checkpoint are kept.
+            KeyboardInterrupt: re-raised after saving a checkpoint (when a path is set) of the
+                state between the last complete iteration and the next.
         """
         cfg = self.config
         until = cfg.iterations if until is None else min(int(until), cfg.iterations)
-        elapsed = self.history["time"][-1] if self.history["time"] else 0.0
-        cpu_times = self.history.setdefault("cpu_time", [])  # (absent from older checkpoints)
-        elapsed_cpu = cpu_times[-1] if cpu_times else 0.0
         bar = tqdm(total=until, initial=self.iteration, disable=not self.progress,
                    desc="training", mininterval=1.0, leave=True)
         try:
-            while self.iteration < until:
-                start, cpu_start = time.perf_counter(), time.process_time()
+            while True:
+                self._finish_iteration()
+                if self.iteration >= until:
+                    break
                 try:
-                    rec = self.step()
+                    rec = self._iterate()
                 except TrainingError:
                     if self.checkpoint_path is not None:
                         self.save(self.checkpoint_path)
                     raise
-                elapsed += time.perf_counter() - start
-                elapsed_cpu += time.process_time() - cpu_start
-                self.iteration += 1
-                h = self.history
-                h["iteration"].append(self.iteration)
-                h["time"].append(elapsed)
-                h["cpu_time"].append(elapsed_cpu)
-                for k in ("loss", "nll", "nfe_forward", "nfe_backward", "lr"):
-                    h[k].append(rec[k])
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", nfe=f"{rec['nfe_forward']}+{rec['nfe_backward']}",
-                                refresh=False)
-                last = self.iteration == cfg.iterations
-                if self.test_data is not None and (
-                    (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
-                ):
-                    self.evaluate()
-                if self.checkpoint_path is not None and (
-                    (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
-                ):
-                    self.save(self.checkpoint_path)
+                post = dict(loss=f"{rec['loss']:.3f}", nfe=f"{rec['nfe_forward']}+{rec['nfe_backward']}")
+                if self.history["test_nll"]:
+                    post["held_out_nll"] = f"{self.history['test_nll'][-1]:.3f}"
+                bar.set_postfix(post, refresh=False)
         except KeyboardInterrupt:
             if self.checkpoint_path is not None:
                 self.save(self.checkpoint_path)
@@ -273,19 +341,23 @@ class Trainer:
         return self.history
 
     @torch.no_grad()
-    def evaluate(self, data: Tensor | None = None) -> float:
-        """Held-out NLL with ``config.eval_settings`` (recorded in the history when ``data`` is None)."""
+    def evaluate(self, data: Any = None) -> float:
+        """Held-out NLL with ``config.eval_settings`` (recorded in the history when ``data`` is None).
+
+        A Hutchinson estimate here draws its probe from a generator of its own, seeded by
+        ``config.seed`` and the iteration, so evaluating never changes the training run.
+        """
         record = data is None
-        data = self.test_data if data is None else check_points(data, "data", dim=self.model.dim)
+        data = self.test_data if data is None else self.objective.check_data(self.model, data, "data")
         if data is None:
             raise ValueError("no test_data was given to the Trainer and none passed to evaluate()")
         self.model.eval()
-        logp, res = self.model.log_prob_result(data, generator=self.generator, **self.config.eval_settings)
-        value = -logp.mean().item()
+        generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1))
+        value, nfe = self.objective.evaluate(self.model, data, self.config, generator)
         if record:
             self.history["eval_iteration"].append(self.iteration)
             self.history["test_nll"].append(value)
-            self.history["eval_nfe"].append(res.nfe_forward)
+            self.history["eval_nfe"].append(nfe)
         return value
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -296,6 +368,7 @@ class Trainer:
             version=CHECKPOINT_VERSION,
             iteration=self.iteration,
             config=asdict(self.config),
+            objective=type(self.objective).__name__,
             model_config=self.model.config(),
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
@@ -310,10 +383,13 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
+        self._saved_at = self.iteration
         return path
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; a checkpoint of another model or run fails clearly."""
+        """Restore from :meth:`state_dict`. A checkpoint of another model (any field of
+        ``model.config()``), another objective or another training configuration is refused with
+        a ``ValueError`` that names what differs (only ``checkpoint_every`` may change)."""
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a cnf_lib trainer checkpoint (its 'format' field is missing or different)")
         if state.get("version") != CHECKPOINT_VERSION:
@@ -321,11 +397,20 @@ class Trainer:
                 f"checkpoint format version {state.get('version')} is not supported (this cnf_lib reads "
                 f"version {CHECKPOINT_VERSION})"
             )
-        mine, theirs = self.model.config(), state["model_config"]
-        if theirs["dim"] != mine["dim"] or tuple(theirs["hidden"]) != tuple(mine["hidden"]):
+        diff = config_differences(state["model_config"], self.model.config())
+        if diff:
+            raise ValueError("the checkpoint is of a different model; " + "; ".join(diff))
+        if state.get("objective") != type(self.objective).__name__:
+            raise ValueError(f"the checkpoint trained objective {state.get('objective')!r}, this trainer "
+                             f"{type(self.objective).__name__!r}")
+        saved_cfg = {k: v for k, v in state["config"].items() if k not in _BOOKKEEPING}
+        my_cfg = {k: v for k, v in asdict(self.config).items() if k not in _BOOKKEEPING}
+        diff = config_differences(saved_cfg, my_cfg)
+        if diff:
             raise ValueError(
-                f"checkpoint is for a model with dim={theirs['dim']}, hidden={tuple(theirs['hidden'])}; "
-                f"this model has dim={mine['dim']}, hidden={tuple(mine['hidden'])}"
+                "the checkpoint was trained with another TrainConfig (resuming would change the run, e.g. "
+                "the learning-rate schedule spans `iterations`); " + "; ".join(diff)
+                + ". Build the Trainer with the checkpoint's settings (state['config'])."
             )
         try:
             self.model.load_state_dict(state["model"])
@@ -335,11 +420,13 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self._saved_at = self.iteration
 
     def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
         """Load a checkpoint (default: ``checkpoint_path``) written by :meth:`save`; returns self.
 
-        The checkpoint is read with ``weights_only=True``: loading never executes code.
+        The checkpoint is read with ``weights_only=True``: loading never executes code. Tensors
+        are mapped to the model's device.
         """
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
@@ -352,91 +439,3 @@ class Trainer:
             raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({err})") from err
         self.load_state_dict(state)
         return self
-
-
-# -- several independent trainings, one process each ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """One training run described by plain values, so that another process can run it.
-
-    Attributes:
-        data: the name of a 2-D toy of :mod:`cnf_lib.datasets` (a fresh batch is sampled at every
-            iteration), or a tensor of training points (n, D).
-        test_data: held-out points (m, D), or ``None``.
-        model: keyword arguments of :class:`~cnf_lib.cnf.CNF` besides ``dim`` (``hidden``,
-            ``activation``, ``t1`` and solver settings such as ``rtol``).
-        config: :class:`TrainConfig` fields (``iterations``, ``kinetic``, ``seed``, ...).
-        init_seed: ``torch.manual_seed`` before the model is built (its initial parameters).
-        name: a label for the caller (not used for training).
-    """
-
-    data: str | Tensor
-    test_data: Tensor | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    init_seed: int = 0
-    name: str = ""
-
-    def build(self) -> Trainer:
-        """The :class:`Trainer` of this job, with a freshly initialized model, not yet trained."""
-        sampler_or_data = make_toy(self.data).sample if isinstance(self.data, str) else self.data
-        dim = 2 if isinstance(self.data, str) else int(self.data.shape[1])
-        torch.manual_seed(self.init_seed)
-        model = CNF(dim, **self.model)
-        return Trainer(model, sampler_or_data, self.test_data, progress=False, **self.config)
-
-
-def _run_job(job: TrainJob) -> tuple[bytes, float, float]:
-    """Train one job (in a worker process); returns the trainer's state as bytes, wall and CPU s."""
-    torch.set_num_threads(1)
-    trainer = job.build()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.fit()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    buffer = io.BytesIO()
-    torch.save(trainer.state_dict(), buffer)
-    return buffer.getvalue(), wall, cpu
-
-
-def fit_jobs(jobs: Sequence[TrainJob], processes: int = 1) -> list[tuple[Trainer, float, float]]:
-    """Train several independent CNFs, in parallel worker processes when ``processes > 1``.
-
-    A small CNF gains nothing from more torch threads (it loses, on a busy machine: see the
-    Performance appendix), but independent runs use separate cores perfectly well. Each job
-    runs with one torch thread; a job gives exactly the same parameters and history whether it
-    ran here or in a worker (the same seeds, the same operations).
-
-    Arguments:
-        jobs: the runs, as :class:`TrainJob` s.
-        processes: worker processes (``1``: train one after another in this process).
-
-    Returns:
-        For each job, in order: its trained :class:`Trainer` (in this process, history and
-        parameters loaded), the wall-clock seconds of its training and its CPU seconds.
-
-    Raises:
-        ValueError: on an empty job list or ``processes < 1``.
-        TrainingError: as :meth:`Trainer.fit`, from the first job that failed.
-    """
-    jobs = list(jobs)
-    if not jobs:
-        raise ValueError("fit_jobs needs at least one TrainJob")
-    if int(processes) != processes or processes < 1:
-        raise ValueError(f"processes must be a positive integer, got {processes!r}")
-    if not all(isinstance(j, TrainJob) for j in jobs):
-        raise ValueError("every job must be a TrainJob")
-    if processes == 1:
-        results = [_run_job(job) for job in jobs]
-    else:
-        # "spawn": a fresh interpreter per worker (safe with torch, and the same on every OS)
-        context = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(int(processes), len(jobs)), mp_context=context) as pool:
-            results = list(pool.map(_run_job, jobs))
-    out = []
-    for job, (state, wall, cpu) in zip(jobs, results):
-        trainer = job.build()
-        trainer.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
-        out.append((trainer, wall, cpu))
-    return out

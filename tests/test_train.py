@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -59,29 +61,84 @@ def test_n_plus_m_iterations_equal_n_save_load_m(tmp_path: Path) -> None:
         assert torch.equal(p, q)
 
 
-def test_interrupted_training_resumes_to_the_same_run(tmp_path: Path) -> None:
-    full = make_trainer()
+def _interrupt_inside(trainer: Trainer, where: str, at_iteration: int) -> None:
+    """Make ``trainer`` raise KeyboardInterrupt inside iteration ``at_iteration`` (0-based), at ``where``."""
+    objective = trainer.objective
+
+    def active() -> bool:
+        return trainer.iteration == at_iteration
+
+    if where == "batch draw":  # after the batch has been drawn from the generator
+        draw = objective.batch
+
+        def batch(*args):
+            out = draw(*args)
+            if active():
+                raise KeyboardInterrupt
+            return out
+
+        objective.batch = batch
+    elif where == "solve":  # at the third field evaluation, after the probe was drawn
+        calls = {"n": 0}
+
+        def hook(module, args, output):
+            if active():
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise KeyboardInterrupt
+
+        trainer.model.field.layers[0].gate.register_forward_hook(hook)
+    elif where == "backward pass":
+        compute = objective.loss
+
+        def loss(*args):
+            value, records, result = compute(*args)
+            if active():
+                def stop(grad):
+                    raise KeyboardInterrupt
+                value.register_hook(stop)
+            return value, records, result
+
+        objective.loss = loss
+    elif where == "evaluation":  # after the step: the evaluation due at this iteration is cut short
+        evaluate = objective.evaluate
+
+        def interrupted_evaluate(*args):
+            if trainer.iteration == at_iteration + 1:
+                raise KeyboardInterrupt
+            return evaluate(*args)
+
+        objective.evaluate = interrupted_evaluate
+    elif where == "optimizer step":  # a real SIGINT while Adam updates the parameters
+        step = trainer.optimizer.step
+
+        def signalled_step(*args, **kwargs):
+            if active():
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = signalled_step
+    else:
+        raise ValueError(where)
+
+
+@pytest.mark.parametrize("where", ["batch draw", "solve", "backward pass", "evaluation", "optimizer step"])
+def test_an_interrupt_anywhere_resumes_to_the_same_run(tmp_path: Path, where: str) -> None:
+    full = make_trainer(eval_every=4)
     full.fit()
-
-    calls = {"n": 0}
-
-    interrupted = make_trainer(tmp_path, checkpoint_every=4)
-    original_step = interrupted.step
-
-    def step():
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return original_step()
-
-    interrupted.step = step
+    interrupted = make_trainer(tmp_path, checkpoint_every=4, eval_every=4)
+    _interrupt_inside(interrupted, where, at_iteration=7)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    # the checkpoint written on interruption holds the 6 finished iterations
-    resumed = make_trainer(tmp_path).resume()
-    assert resumed.iteration == 6
+    # the checkpoint written on the interrupt is the state between two iterations
+    committed = 8 if where in ("evaluation", "optimizer step") else 7
+    assert interrupted.iteration == committed
+    resumed = make_trainer(tmp_path, eval_every=4).resume()
+    assert resumed.iteration == committed
     resumed.fit()
     assert resumed.history["loss"] == full.history["loss"]
+    assert resumed.history["test_nll"] == full.history["test_nll"]
+    assert resumed.history["eval_iteration"] == full.history["eval_iteration"] == [4, 8, 12]
     for p, q in zip(resumed.model.parameters(), full.model.parameters()):
         assert torch.equal(p, q)
 
@@ -219,7 +276,7 @@ def test_adjoint_backward_failure_is_a_training_error() -> None:
 
 
 def test_fit_jobs_in_workers_equals_training_here() -> None:
-    from cnf_lib.train import TrainJob, fit_jobs
+    from cnf_lib.jobs import TrainJob, fit_jobs
 
     data = gaussian_data(256, 0)
     jobs = [TrainJob(data=data, test_data=gaussian_data(64, 1), model=dict(hidden=(8,), rtol=1e-3, atol=1e-3),
@@ -304,3 +361,43 @@ def test_gradient_clipping_bounds_the_gradient_norm() -> None:
         norms[clip] = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()]).item()
     assert norms[None] > 1e-2  # unclipped, the first gradient is far larger than the bound
     assert norms[1e-3] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_checkpoint_is_refused_by_another_model_or_config_naming_what_differs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = Trainer(CNF(2, hidden=(8,), activation="softplus", t1=1.0), gaussian_data(64, 0), iterations=4,
+                    progress=False)
+    saved.fit(until=1)
+    path = saved.save(tmp_path / "c.pt")
+    other_model = Trainer(CNF(2, hidden=(8,), activation="tanh", t1=3.0), gaussian_data(64, 0), iterations=4,
+                          progress=False)
+    with pytest.raises(ValueError, match=r"activation: saved 'softplus', here 'tanh'.*t1: saved 1.0, here 3.0"):
+        other_model.resume(path)
+    torch.manual_seed(0)
+    other_config = Trainer(CNF(2, hidden=(8,), activation="softplus"), gaussian_data(64, 0), iterations=8,
+                           progress=False)
+    with pytest.raises(ValueError, match=r"TrainConfig.*iterations: saved 4, here 8"):
+        other_config.resume(path)
+    # checkpoint_every decides no number: it may change
+    same = Trainer(CNF(2, hidden=(8,), activation="softplus"), gaussian_data(64, 0), iterations=4,
+                   checkpoint_every=2, progress=False)
+    assert same.resume(path).iteration == 1
+
+
+def test_a_mistyped_training_setting_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['iteratons'\]"):
+        Trainer(small_model(), gaussian_data(64, 0), iteratons=3)
+
+
+def test_config_of_a_custom_field_names_the_field_not_unused_defaults() -> None:
+    from cnf_lib import LinearField
+
+    config = CNF(2, field=LinearField(torch.eye(2))).config()
+    assert config["field"] == "LinearField" and "hidden" not in config and "activation" not in config
+
+
+def test_log_prob_at_time_zero_is_the_prior() -> None:
+    from cnf_lib import standard_normal_log_prob
+
+    x = gaussian_data(5, 0)
+    assert torch.equal(small_model().log_prob(x, t=0.0), standard_normal_log_prob(x))

@@ -1,0 +1,105 @@
+"""What a training iteration minimizes: the objectives the one :class:`~cnf_lib.train.Trainer` runs.
+
+An objective says how a mini-batch is drawn from the training data, what loss it gives and how a
+held-out score is computed; the trainer owns everything else (the optimizer and its schedule, the
+generator, the NaN and solver guards, clipping, progress, history, checkpoints and exact resume).
+So every entry point of ``cnf_lib`` that trains (a CNF density, a time course) inherits the same
+guards by running its own objective through the same loop.
+
+* :class:`MaximumLikelihood` — the default: ``-mean log p(x)`` of a batch of points, plus the
+  RNODE regularizers ``kinetic * mean ∫‖f‖² dt + frobenius * mean ∫‖∂f/∂x‖²_F dt`` (Finlay et al.,
+  2020), integrated as extra ODE states.
+
+An objective is any object with the methods of :class:`Objective`; :mod:`cnf_lib.timecourse`
+defines one for snapshots of a time course.
+
+References:
+    Finlay et al. (2020). How to train your neural ODE (RNODE). https://arxiv.org/abs/2002.02798
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .checks import check_points, randperm
+
+if TYPE_CHECKING:  # type hints only (train imports this module)
+    from .train import TrainConfig
+
+__all__ = ["Objective", "MaximumLikelihood", "Sampler"]
+
+#: A sampler of fresh training points: ``(n, generator) -> (n, D)`` (the 2-D toys' ``sample``).
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+class Objective(Protocol):
+    """The interface the trainer calls; see :class:`MaximumLikelihood` for the reference one.
+
+    Attributes:
+        records: names of extra per-iteration values that :meth:`loss` returns (besides ``nll``
+            and ``nfe_forward``), kept in the trainer's history.
+    """
+
+    records: tuple[str, ...]
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> Any:
+        """Validate training or held-out data for ``model`` (raise a clear ``ValueError``)."""
+
+    def batch(self, data: Any, batch_size: int, generator: torch.Generator) -> Any:
+        """A mini-batch of ``data``, drawn with ``generator`` only."""
+
+    def loss(self, model: nn.Module, batch: Any, config: TrainConfig,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float], Any]:
+        """``(loss, records, result)``: the scalar loss, the values to record (``nll``,
+        ``nfe_forward`` and :attr:`records`) and an object whose ``nfe_backward`` counts the
+        backward pass's evaluations once it ran."""
+
+    def evaluate(self, model: nn.Module, data: Any, config: TrainConfig,
+                 generator: torch.Generator) -> tuple[float, int]:
+        """``(held-out NLL, NFE)`` of ``data`` under ``config.eval_settings``."""
+
+
+class MaximumLikelihood:
+    """Maximum likelihood of points under a :class:`~cnf_lib.cnf.CNF`, with RNODE regularizers.
+
+    The data is a tensor (n, D), whose batches are ``batch_size`` rows drawn without replacement
+    (all of them when ``batch_size >= n``), or a :data:`Sampler` that draws fresh points.
+    """
+
+    records: tuple[str, ...] = ()
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
+        if callable(data) and not isinstance(data, Tensor):
+            if name != "train_data":
+                raise ValueError(f"{name} must be points of shape (n, D), not a sampler")
+            return data
+        return check_points(data, name, dim=model.dim)
+
+    def batch(self, data: Tensor | Sampler, batch_size: int, generator: torch.Generator) -> Tensor:
+        if not isinstance(data, Tensor):
+            return data(batch_size, generator)
+        n = data.shape[0]
+        if batch_size >= n:
+            return data
+        return data[randperm(n, generator, data.device)[:batch_size]]
+
+    def loss(self, model: nn.Module, batch: Tensor, config: TrainConfig,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float], Any]:
+        batch = check_points(batch, "sampled batch", dim=model.dim)
+        regularize = config.kinetic > 0 or config.frobenius > 0
+        logp, res = model.log_prob_result(batch, regularize=regularize, generator=generator,
+                                          **config.train_settings)
+        nll = -logp.mean()
+        loss = nll
+        if regularize:
+            loss = loss + config.kinetic * res.kinetic.mean() + config.frobenius * res.frobenius.mean()
+        return loss, dict(nll=nll.item(), nfe_forward=res.nfe_forward), res
+
+    def evaluate(self, model: nn.Module, data: Tensor, config: TrainConfig,
+                 generator: torch.Generator) -> tuple[float, int]:
+        logp, res = model.log_prob_result(data, generator=generator, **config.eval_settings)
+        return -logp.mean().item(), res.nfe_forward
