@@ -396,6 +396,39 @@ class CellDensity:
         x = self.model.decode(z.to(dtype=param.dtype, device=param.device), **settings)
         return self.standardizer.inverse(x.double().cpu())
 
+    # -- saving -----------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> CellDensity:
+        """Move the model to ``device`` (results stay on the CPU); returns self."""
+        self.model.to(device)
+        return self
+
+    def eval(self) -> CellDensity:
+        """Put the model in evaluation mode; returns self."""
+        self.model.eval()
+        return self
+
+    def save_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(config, tensors)`` for :func:`cnf_lib.saving.save_model`: the :meth:`to_uns` content
+        with the CNF's parameters and the standardization as tensors."""
+        uns = self.to_uns()
+        config = {k: v for k, v in uns.items() if k not in ("state_dict", "standardizer", "history")}
+        config["params"] = dict(config["params"], hidden=[int(h) for h in config["params"]["hidden"]])
+        config["history"] = {k: [float(x) for x in v] for k, v in uns["history"].items()}
+        if "var_names" in config:
+            config["var_names"] = [str(v) for v in config["var_names"]]
+        tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+        tensors.update({f"standardizer.{k}": v for k, v in self.standardizer.state_dict().items()})
+        return config, tensors
+
+    @classmethod
+    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> CellDensity:
+        """Rebuild a density from :meth:`save_state`'s ``(config, tensors)``."""
+        uns = dict(config)
+        uns["state_dict"] = {k[len("model."):]: v.numpy() for k, v in tensors.items() if k.startswith("model.")}
+        uns["standardizer"] = {k[len("standardizer."):]: v.numpy() for k, v in tensors.items()
+                               if k.startswith("standardizer.")}
+        return cls.from_uns(uns)
+
     # -- storage in adata.uns ---------------------------------------------------------------------
     def to_uns(self) -> dict[str, Any]:
         """The density as plain values and NumPy arrays (what :func:`fit_density` stores).

@@ -5,12 +5,6 @@ Single-cell sequencing destroys the cells it measures, so a time course is a ser
 This module fits **one** time-dependent vector field through all of them and reads cell paths
 off its flow (Tong et al., 2020):
 
-* :func:`simulate_differentiation` — a branching differentiation whose true cell paths are
-  known: a stochastic process in a two-dimensional latent landscape (a pitchfork), mapped to gene
-  counts with Poisson sampling noise, returned as an :class:`~anndata.AnnData` with a time column;
-  :func:`preprocess` processes it the way a single-cell user processes real data (scanpy's
-  ``normalize_total``, ``log1p``, ``pca``); :func:`true_paths` maps the known latent paths into
-  the same representation and :func:`project_counts` places new cells (a replicate) in it.
 * :class:`TimeCourse` — the snapshots of an AnnData (``time_key``, ``use_rep``, ``n_comps``),
   with clear errors for a missing time column, a single time point or non-numeric times; the
   representation is read by :func:`cnf_lib.singlecell.get_representation`, with its checks.
@@ -25,11 +19,12 @@ off its flow (Tong et al., 2020):
   The snapshots are integrated back to the prior in one sweep: the latest batch is solved from
   :math:`\tau_{K-1}` to :math:`\tau_{K-2}`, the batch of that time joins it, and so on down to 0
   (each segment is one :meth:`cnf_lib.cnf.CNF.flow` call).
-* :func:`fit_timecourse` — the seeded training loop (a time point can be left out);
-  :func:`fit_trajectories` — the scanpy-style entry point.
-* :func:`holdout_baselines`, :func:`ot_paths`, :func:`path_error` — what the CNF is measured
-  against: the previous, next and a random snapshot, the optimal-transport interpolation between
-  the two neighbours, and the chained OT matching of consecutive snapshots.
+* :class:`SnapshotLikelihood` — that loss as an objective of the one
+  :class:`~cnf_lib.train.Trainer`; :func:`fit_timecourse` trains with it (guards, checkpoints,
+  exact resume), :func:`fit_trajectories` is the scanpy-style entry point.
+
+The simulator of time courses is :mod:`cnf_lib.simulation`; the baselines a model is measured
+against are :mod:`cnf_lib.baselines`.
 
 References:
     Tong, Huang, Wolf, van Dijk and Krishnaswamy (2020). TrajectoryNet: a dynamic optimal
@@ -37,333 +32,40 @@ References:
     Benamou and Brenier (2000). A computational fluid mechanics solution to the
     Monge-Kantorovich mass transfer problem. Numerische Mathematik 84.
     Finlay et al. (2020). How to train your neural ODE. https://arxiv.org/abs/2002.02798
-    Schiebinger et al. (2019). Optimal-transport analysis of single-cell gene expression
-    identifies developmental trajectories in reprogramming. Cell 176.
-    Wolf, Angerer and Theis (2018). SCANPY. Genome Biology 19.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ot
 import torch
-from scipy.spatial.distance import cdist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .cnf import CNF, SolverError, standard_normal_log_prob
-from .checks import check_points
-from .metrics import ot_interpolate
+from .checks import check_points, randperm
+from .cnf import CNF, standard_normal_log_prob
 from .singlecell import get_representation
-from .train import TrainConfig, TrainingError
+from .train import TrainConfig, Trainer
 
-if TYPE_CHECKING:  # for type hints only (the functions that build AnnData objects import it)
+if TYPE_CHECKING:  # for type hints only
     from anndata import AnnData
 
 __all__ = [
-    "SIMULATION_KEY",
-    "PREPROCESS_KEY",
-    "simulate_differentiation",
-    "preprocess",
-    "true_paths",
-    "project_counts",
     "TimeCourse",
     "SnapshotLogProbs",
     "TrajectoryCNF",
+    "SnapshotLikelihood",
     "fit_timecourse",
     "fit_trajectories",
-    "holdout_baselines",
-    "ot_paths",
-    "path_error",
+    "TRAJECTORY_EVAL_SETTINGS",
 ]
 
-#: ``adata.uns`` key of :func:`simulate_differentiation`'s ground truth (latent paths, gene map).
-SIMULATION_KEY = "simulation"
-#: ``adata.uns`` key where :func:`preprocess` records what it did (target sum, PCA mean).
-PREPROCESS_KEY = "timecourse_preprocess"
-
-_PROGRAMS = ("early", "late", "branch A", "branch B", "primed A", "primed B", "housekeeping")
-
-
-# ==============================================================================================
-# Simulation: a branching differentiation with known paths
-# ==============================================================================================
-
-
-def _gene_programs(n_genes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random gene programs: each gene switches on along one direction of the latent space.
-
-    early: on while u is small; late: on once u is large; branch A / B: on far out on one
-    branch (v > c or v < -c, sharp); primed A / B: graded in v from the start (a fate bias that
-    is visible before the branch point); housekeeping: constant.
-    """
-    # one row per program: early, late, branch A, branch B, primed A, primed B, housekeeping
-    directions = np.array([[-1, 0], [1, 0], [0.35, 1], [0.35, -1], [0, 1], [0, -1], [0, 0]], dtype=float)
-    lo = np.array([-2.5, 1.0, 0.3, 0.3, 0.0, 0.0, 0.0])
-    hi = np.array([-0.5, 3.5, 1.2, 1.2, 0.0, 0.0, 0.0])
-    steep_lo = np.array([1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 0.0])
-    steep_hi = np.array([2.0, 2.0, 2.5, 2.5, 1.5, 1.5, 0.0])
-    program = np.arange(n_genes) % len(_PROGRAMS)
-    active = program < len(_PROGRAMS) - 1
-    direction = directions[program] + rng.normal(0.0, 0.1, size=(n_genes, 2)) * active[:, None]
-    threshold = rng.uniform(lo[program], hi[program])
-    steepness = rng.uniform(steep_lo[program], steep_hi[program])
-    amplitude = rng.uniform(1.5, 3.0, size=n_genes) * active
-    baseline = rng.normal(0.0, 0.5, size=n_genes)
-    return dict(program=program, direction=direction, threshold=threshold, amplitude=amplitude,
-                baseline=baseline, steepness=steepness)
-
-
-def _expression_fractions(latent: np.ndarray, genes: dict[str, Any]) -> np.ndarray:
-    """Expected fraction of a cell's counts in each gene, shape (..., n_genes), rows sum to 1.
-
-    Gene ``g`` has log-rate ``b_g + a_g * sigmoid(s_g * (w_g · z - c_g))`` at latent state ``z``.
-    """
-    z = np.asarray(latent, dtype=np.float64)
-    w = np.asarray(genes["direction"], dtype=np.float64)
-    act = np.asarray(genes["steepness"]) * (z @ w.T - np.asarray(genes["threshold"]))
-    log_rate = np.asarray(genes["baseline"]) + np.asarray(genes["amplitude"]) / (1.0 + np.exp(-act))
-    log_rate -= log_rate.max(axis=-1, keepdims=True)
-    rate = np.exp(log_rate)
-    return rate / rate.sum(axis=-1, keepdims=True)
-
-
-def simulate_differentiation(
-    n_cells: int = 200,
-    times: Sequence[float] = (0.0, 1.0, 2.0, 3.0, 4.0),
-    n_genes: int = 40,
-    *,
-    library_size: float = 5000.0,
-    noise: float = 0.05,
-    start_spread: tuple[float, float] = (0.15, 0.4),
-    speed_spread: float = 0.15,
-    branch_point: float = 1.0,
-    record_dt: float = 0.05,
-    seed: int = 0,
-    gene_seed: int = 0,
-) -> AnnData:
-    r"""Simulates a branching differentiation observed as destructive snapshots.
-
-    Each cell follows a latent state :math:`z = (u, v)`: :math:`u` is maturation, :math:`v` the
-    fate. Euler–Maruyama steps of :math:`dt = 0.01` integrate
-
-    .. math:: du = r_i\, dt + \sigma\, dW_1, \qquad
-              dv = \big((u - u_c)\, v - v^3\big)\, dt + \sigma\, dW_2 ,
-
-    a pitchfork: before the branch point :math:`u_c` the fate :math:`v` is pulled to 0, after it
-    to :math:`\pm\sqrt{u - u_c}` (two lineages, "A" for :math:`v > 0`, "B" for :math:`v < 0`).
-    Cell :math:`i` matures at its own speed :math:`r_i`. Cells start at
-    :math:`u \sim \mathcal N(0, s_u^2)`, :math:`v \sim \mathcal N(0, s_v^2)` (``start_spread``):
-    a fate bias present from the start, which the "primed" genes show. Gene :math:`g` is expressed
-    at a rate proportional to :math:`\exp(b_g + a_g\, \mathrm{sigmoid}(s_g (w_g \cdot z - c_g)))`
-    (programs, in turn: early, late, branch A, branch B, primed A, primed B, housekeeping) and a
-    cell's counts are Poisson with a log-normal library size. ``n_cells`` cells are simulated *per time point*, each from its own
-    path, and observed (destroyed) at that time only; the whole path stays known.
-
-    Arguments:
-        n_cells: cells per time point.
-        times: the snapshot times, increasing, :math:`\geq 0`.
-        n_genes: number of genes (at least 7, one per program).
-        library_size: median total counts of a cell.
-        noise: :math:`\sigma`, the diffusion of the latent process.
-        start_spread: :math:`(s_u, s_v)`, the spread of the starting states.
-        speed_spread: :math:`s_r`, the spread of the speeds :math:`r_i \sim \mathcal N(1, s_r^2)`:
-            the snapshots spread out along the lineages as time goes on (asynchronous
-            differentiation).
-        branch_point: :math:`u_c`.
-        record_dt: spacing of the recorded path grid (a divisor of the simulation step grid).
-        seed: seeds the cells: their paths, library sizes and counts (NumPy generator).
-        gene_seed: seeds the gene map; two simulations with the same ``gene_seed`` and different
-            ``seed`` are two replicate experiments of the same biology.
-
-    Returns:
-        An AnnData with counts in ``X`` (float32) and ``layers["counts"]``, ``obs["time"]``
-        (float), ``obs["lineage"]`` ("A"/"B" by the sign of :math:`v` at the last time),
-        ``obsm["latent"]`` (:math:`z` at the cell's own time, shape (n, 2)), ``var["program"]``,
-        and ``uns["simulation"]`` with ``path_times`` (G,), ``paths`` (n, G, 2), the gene map and
-        the settings. :func:`true_paths` maps ``paths`` into a processed representation.
-    """
-    import anndata as ad
-    import pandas as pd
-
-    times_arr = np.asarray(times, dtype=np.float64).reshape(-1)
-    if times_arr.size < 2 or not np.all(np.diff(times_arr) > 0) or times_arr[0] < 0:
-        raise ValueError(f"times must be at least 2 increasing values >= 0, got {list(times_arr)}")
-    if int(n_cells) != n_cells or n_cells < 2:
-        raise ValueError(f"n_cells must be an integer >= 2, got {n_cells!r}")
-    if int(n_genes) != n_genes or n_genes < len(_PROGRAMS):
-        raise ValueError(f"n_genes must be an integer >= {len(_PROGRAMS)} (one per program), got {n_genes!r}")
-    dt = 0.01
-    every = round(record_dt / dt)
-    if every < 1 or abs(every * dt - record_dt) > 1e-9:
-        raise ValueError(f"record_dt must be a positive multiple of {dt}, got {record_dt}")
-    if np.any(np.abs(times_arr / record_dt - np.round(times_arr / record_dt)) > 1e-6):
-        raise ValueError(f"the times {list(times_arr)} must lie on the record grid (multiples of {record_dt})")
-
-    rng = np.random.default_rng(seed)
-    n_cells, n_genes = int(n_cells), int(n_genes)
-    n_total = n_cells * len(times_arr)
-    n_steps = round(times_arr[-1] / dt)
-    grid = np.arange(0, n_steps + 1, every) * dt
-
-    z = rng.normal(0.0, 1.0, size=(n_total, 2)) * np.asarray(start_spread, dtype=np.float64)
-    speed = 1.0 + speed_spread * rng.normal(size=n_total)
-    paths = np.empty((n_total, len(grid), 2))
-    paths[:, 0] = z
-    sq = noise * math.sqrt(dt)
-    for step in range(1, n_steps + 1):
-        u, v = z[:, 0], z[:, 1]
-        drift = np.stack([speed, (u - branch_point) * v - v**3], axis=1)
-        z = z + drift * dt + sq * rng.normal(size=z.shape)
-        if step % every == 0:
-            paths[:, step // every] = z
-
-    time_of_cell = np.repeat(times_arr, n_cells)
-    grid_index = np.round(time_of_cell / record_dt).astype(int)
-    latent = paths[np.arange(n_total), grid_index]
-
-    genes = _gene_programs(n_genes, np.random.default_rng(gene_seed))
-    fractions = _expression_fractions(latent, genes)
-    library = library_size * np.exp(rng.normal(0.0, 0.25, size=n_total))
-    counts = rng.poisson(library[:, None] * fractions).astype(np.float32)
-
-    obs = pd.DataFrame(
-        {
-            "time": time_of_cell,
-            "lineage": pd.Categorical(np.where(paths[:, -1, 1] > 0, "A", "B")),
-        },
-        index=[f"cell{i}" for i in range(n_total)],
-    )
-    var = pd.DataFrame({"program": pd.Categorical([_PROGRAMS[p] for p in genes["program"]])},
-                       index=[f"gene{g}" for g in range(n_genes)])
-    adata = ad.AnnData(X=counts, obs=obs, var=var)
-    adata.layers["counts"] = counts.copy()
-    adata.obsm["latent"] = latent.astype(np.float32)
-    adata.uns[SIMULATION_KEY] = dict(
-        path_times=grid,
-        paths=paths.astype(np.float32),
-        genes={k: np.asarray(v) for k, v in genes.items()},
-        settings=dict(n_cells=n_cells, times=times_arr, n_genes=n_genes, library_size=library_size,
-                      noise=noise, start_spread=np.asarray(start_spread), speed_spread=speed_spread,
-                      branch_point=branch_point, record_dt=record_dt, seed=seed,
-                      gene_seed=gene_seed),
-    )
-    return adata
-
-
-def preprocess(adata: AnnData, n_comps: int = 10, target_sum: float = 1e4) -> AnnData:
-    """Normalize, log-transform and reduce with PCA, as for real data (scanpy), in place.
-
-    ``sc.pp.normalize_total(target_sum)``, ``sc.pp.log1p``, ``sc.pp.pca(n_comps)``; the raw
-    counts are kept in ``layers["counts"]``, and what a projection of new profiles needs (the
-    target sum and the PCA mean) is recorded in ``uns["timecourse_preprocess"]``.
-
-    Arguments:
-        adata: cells × genes counts.
-        n_comps: number of principal components (``obsm["X_pca"]``).
-        target_sum: counts per cell after normalization.
-
-    Returns:
-        ``adata`` (modified in place).
-    """
-    import scanpy as sc
-
-    if "counts" not in adata.layers:
-        adata.layers["counts"] = adata.X.copy()
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
-    n_comps = int(min(n_comps, adata.n_vars - 1, adata.n_obs - 1))
-    sc.pp.pca(adata, n_comps=n_comps, random_state=0)
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    adata.uns[PREPROCESS_KEY] = dict(target_sum=float(target_sum), pca_mean=x.mean(axis=0).astype(np.float64))
-    return adata
-
-
-def true_paths(
-    adata: AnnData,
-    times: Sequence[float] | None = None,
-    n_comps: int | None = None,
-    cells: Any = None,
-) -> Tensor:
-    """The known paths of simulated cells, in the PCA representation of :func:`preprocess`.
-
-    A latent state ``z`` is mapped to its *expected* profile (the gene fractions, normalized to
-    the target sum, ``log1p``), centred with the PCA mean and projected on the loadings
-    ``varm["PCs"]``: what the cell would look like without sampling noise.
-
-    Arguments:
-        adata: from :func:`simulate_differentiation` then :func:`preprocess`.
-        times: times on the simulation's record grid (default: the whole grid).
-        n_comps: number of leading PCs (default: all).
-        cells: which cells (a boolean mask or integer indices over ``adata.obs``; default all).
-
-    Returns:
-        Positions, shape (T, n, n_comps), float32.
-    """
-    if SIMULATION_KEY not in adata.uns:
-        raise ValueError("adata has no uns['simulation']: true paths exist only for simulate_differentiation() data")
-    if PREPROCESS_KEY not in adata.uns or "PCs" not in adata.varm:
-        raise ValueError("adata has not been processed by cnf_lib.timecourse.preprocess() (no PCA to project on)")
-    sim, pre = adata.uns[SIMULATION_KEY], adata.uns[PREPROCESS_KEY]
-    grid = np.asarray(sim["path_times"], dtype=np.float64)
-    if times is None:
-        idx = np.arange(len(grid))
-    else:
-        t = np.asarray(times, dtype=np.float64).reshape(-1)
-        idx = np.abs(grid[None, :] - t[:, None]).argmin(axis=1)
-        off = np.abs(grid[idx] - t)
-        if (off > 1e-6).any():
-            raise ValueError(f"times {t[off > 1e-6].tolist()} are not on the simulation's record grid")
-    paths = np.asarray(sim["paths"])
-    if cells is not None:
-        paths = paths[np.asarray(cells)]
-    z = np.transpose(paths[:, idx], (1, 0, 2))  # (T, n, 2)
-    expected = float(pre["target_sum"]) * _expression_fractions(z, sim["genes"])
-    return torch.as_tensor(_project(adata, np.log1p(expected), n_comps), dtype=torch.float32)
-
-
-def _project(reference: AnnData, log_expression: np.ndarray, n_comps: int | None) -> np.ndarray:
-    """Centre log-normalized profiles (..., n_genes) with the reference's PCA mean and project them."""
-    pcs = np.asarray(reference.varm["PCs"], dtype=np.float64)
-    n_comps = pcs.shape[1] if n_comps is None else n_comps
-    if int(n_comps) != n_comps or not 1 <= n_comps <= pcs.shape[1]:
-        raise ValueError(f"n_comps must be an integer between 1 and {pcs.shape[1]}, got {n_comps!r}")
-    mean = np.asarray(reference.uns[PREPROCESS_KEY]["pca_mean"], dtype=np.float64)
-    return (log_expression - mean) @ pcs[:, : int(n_comps)]
-
-
-def project_counts(adata: AnnData, reference: AnnData, n_comps: int | None = None) -> np.ndarray:
-    """New cells' counts in the PCA coordinates of a reference processed by :func:`preprocess`.
-
-    The same normalization (the reference's target sum), ``log1p``, centring (the reference's
-    mean) and loadings (``reference.varm["PCs"]``): how a second experiment, or a replicate, is
-    placed in the coordinates a model was trained in.
-
-    Arguments:
-        adata: the new cells, raw counts in ``layers["counts"]`` (or ``X``), the reference's genes.
-        reference: the processed AnnData.
-        n_comps: number of leading PCs (default: all).
-
-    Returns:
-        float32 array, shape (adata.n_obs, n_comps).
-    """
-    if PREPROCESS_KEY not in reference.uns or "PCs" not in reference.varm:
-        raise ValueError("reference has not been processed by cnf_lib.timecourse.preprocess() (no PCA to project on)")
-    if list(adata.var_names) != list(reference.var_names):
-        raise ValueError("adata and reference must have the same genes in the same order")
-    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
-    counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    if (totals <= 0).any():
-        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts")
-    expr = np.log1p(float(reference.uns[PREPROCESS_KEY]["target_sum"]) * counts / totals)
-    return _project(reference, expr, n_comps).astype(np.float32)
+#: How a fitted trajectory model evaluates unless asked otherwise: adaptive dopri5 at 1e-5 (a
+#: model trained on a fixed grid can learn the grid; the grid is a training device only).
+TRAJECTORY_EVAL_SETTINGS: dict[str, Any] = dict(method="dopri5", rtol=1e-5, atol=1e-5)
 
 
 # ==============================================================================================
@@ -575,6 +277,18 @@ class TrajectoryCNF(nn.Module):
         scale = float((pooled - pooled.mean(0)).pow(2).sum(1).mean().div(course.dim).sqrt())
         return cls(course.times, course.dim, center=center.float(), scale=scale, **kwargs)
 
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this model (with :meth:`from_config`), as plain values; the centre and
+        scale are buffers of its state dict."""
+        return dict(times=list(self.times), prior_gap=self.prior_gap, cnf=self.cnf.config())
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrajectoryCNF:
+        """A new model (fresh parameters, centre 0, scale 1 until a state dict is loaded)."""
+        c = config["cnf"]
+        return cls(config["times"], int(c["dim"]), hidden=tuple(c["hidden"]), activation=c["activation"],
+                   prior_gap=float(config["prior_gap"]), **c["settings"])
+
     # -- coordinates ---------------------------------------------------------------------------
     def model_time(self, t: float) -> float:
         """Model time τ of data time ``t``."""
@@ -706,6 +420,56 @@ class TrajectoryCNF(nn.Module):
 # ==============================================================================================
 
 
+class SnapshotLikelihood:
+    r"""The multi-time objective of a :class:`TrajectoryCNF`, for :class:`~cnf_lib.train.Trainer`.
+
+    The training data is one entry per time point: the snapshot's cells in the model's
+    coordinates, shape (n_k, D), or ``None`` for a time point left out. A batch draws
+    ``batch_size`` cells from every snapshot (all of them if it has fewer), and the loss is
+
+    .. math:: -\frac{1}{K'}\sum_k \overline{\log p_{\tau_k}(x)} + \lambda\, \overline{\textstyle\int \lVert f \rVert^2 d\tau}
+
+    (:math:`K'` snapshots given, :math:`\lambda` = ``config.kinetic``), from one backward sweep
+    (:meth:`TrajectoryCNF.snapshot_log_probs`) with ``config.train_settings``.
+    """
+
+    records: tuple[str, ...] = ("kinetic",)
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> list[Tensor | None]:
+        data = list(data)
+        if len(data) != len(model.times):
+            raise ValueError(f"{name} needs one entry per time point ({len(model.times)}, None to leave one "
+                             f"out), got {len(data)}")
+        if all(x is None for x in data):
+            raise ValueError(f"{name} has no snapshot (every entry is None)")
+        return [None if x is None else check_points(x, f"{name} snapshot {k}", dim=model.dim)
+                for k, x in enumerate(data)]
+
+    def batch(self, data: list[Tensor | None], batch_size: int, generator: torch.Generator) -> list[Tensor | None]:
+        return [x if x is None or x.shape[0] <= batch_size else x[randperm(x.shape[0], generator, x.device)[:batch_size]]
+                for x in data]
+
+    def _nll(self, model: nn.Module, batch: list[Tensor | None], settings: dict[str, Any], regularize: bool,
+             generator: torch.Generator) -> tuple[Tensor, SnapshotLogProbs]:
+        out = model.snapshot_log_probs(batch, regularize=regularize, generator=generator, **settings)
+        return -torch.stack([lp.mean() for lp in out.log_probs if lp is not None]).mean(), out
+
+    def loss(self, model: nn.Module, batch: list[Tensor | None], config: TrainConfig,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float], Any]:
+        regularize = config.kinetic > 0
+        nll, out = self._nll(model, batch, config.train_settings, regularize, generator)
+        loss, kin = nll, torch.zeros(())
+        if regularize:
+            kin = torch.cat([k for k in out.kinetic if k is not None]).mean()
+            loss = loss + config.kinetic * kin
+        return loss, dict(nll=nll.item(), nfe_forward=out.nfe_forward, kinetic=kin.item()), out
+
+    def evaluate(self, model: nn.Module, data: list[Tensor | None], config: TrainConfig,
+                 generator: torch.Generator) -> tuple[float, int]:
+        nll, out = self._nll(model, data, config.eval_settings, False, generator)
+        return nll.item(), out.nfe_forward
+
+
 def fit_timecourse(
     model: TrajectoryCNF,
     course: TimeCourse,
@@ -719,36 +483,39 @@ def fit_timecourse(
     grad_clip: float | None = 5.0,
     seed: int = 0,
     train_settings: dict[str, Any] | None = None,
+    checkpoint_path: Any = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     r"""Trains a :class:`TrajectoryCNF` on every snapshot of ``course`` but ``leave_out``.
 
-    Each iteration draws ``batch_size`` cells from every training snapshot (all of them if it
-    has fewer), evaluates their log-densities at their own times in one backward sweep, and
-    takes an Adam step on
-
-    .. math:: -\frac{1}{K'}\sum_k \overline{\log p_{\tau_k}(x)} + \lambda\, \overline{\textstyle\int \lVert f \rVert^2 d\tau}
-
-    (:math:`K'` training snapshots; ``kinetic`` is :math:`\lambda`) with the learning rate on a
-    cosine from ``lr`` to ``lr_final`` (:meth:`cnf_lib.train.TrainConfig.lr_at`).
+    Training runs through the one :class:`~cnf_lib.train.Trainer` with the objective
+    :class:`SnapshotLikelihood`: an Adam step per iteration with the learning rate on a cosine
+    from ``lr`` to ``lr_final``, and the trainer's guards (a non-finite loss or gradient or a
+    solver failure stops with :class:`~cnf_lib.train.TrainingError` and the last good
+    parameters), checkpoints and exact resume. The model trains where it is (its device).
 
     Arguments:
         model: the model (its times must be the course's).
         course: the snapshots.
-        leave_out: a time point to hold out (``None``: train on all).
+        leave_out: an intermediate time point to hold out (``None``: train on all).
         iterations, batch_size, lr, lr_final, kinetic, grad_clip: the optimization.
-        seed: seeds the batches and the Hutchinson probes (seed the model's initialization
-            yourself, ``torch.manual_seed``, before building it).
-        train_settings: solver settings of the training solves.
+        seed: seeds the batches and the Hutchinson probes (a CPU generator; seed the model's
+            initialization yourself, ``torch.manual_seed``, before building it).
+        train_settings: solver settings of the training solves (``None``: the model's own).
+        checkpoint_path: where to write checkpoints (at the end and on an interrupt); a run
+            with the same arguments resumes from it when the file exists.
         progress: a tqdm bar with the loss and the NFE.
 
     Returns:
         The history: per iteration ``iteration``, ``loss``, ``nll`` (mean over snapshots, nats,
         model coordinates), ``kinetic`` (mean ∫‖f‖²), ``nfe_forward``, ``nfe_backward``, ``time``
-        (cumulative seconds), ``lr``; and ``leave_out``.
+        and ``cpu_time`` (cumulative seconds), ``lr``; and ``leave_out``.
 
     Raises:
-        TrainingError: a non-finite loss or a solver failure (parameters of the last good step).
+        ValueError: times or dimension not the course's, a negative ``kinetic``, or ``leave_out``
+            not an intermediate time point.
+        TrainingError: a non-finite loss or gradient or a solver failure (parameters of the last
+            good step).
     """
     if len(model.times) != len(course.times) or not np.allclose(model.times, course.times):
         raise ValueError(f"the model's times {list(model.times)} are not the course's {course.times.tolist()}")
@@ -756,61 +523,23 @@ def fit_timecourse(
         raise ValueError(f"the model has dimension {model.dim}, the course {course.dim}")
     if kinetic < 0:
         raise ValueError(f"kinetic must be >= 0, got {kinetic}")
-    cfg = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                      kinetic=kinetic, seed=seed, grad_clip=grad_clip, train_settings=dict(train_settings or {}))
     skip = None if leave_out is None else course.index(leave_out)
-    if skip is not None and len(course.times) < 3:
-        raise ValueError("leaving a time point out of a course of 2 leaves a single snapshot")
+    if skip is not None and skip in (0, len(course.times) - 1):
+        raise ValueError(
+            f"leave_out={leave_out!r} is the first or last time point; hold out an intermediate one "
+            f"({course.times[1:-1].tolist()}): the model interpolates between snapshots"
+        )
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
+                         kinetic=kinetic, seed=seed, grad_clip=grad_clip, eval_every=0,
+                         train_settings=dict(train_settings or {}))
     data = [None if k == skip else model.standardize(x) for k, x in enumerate(course.snapshots)]
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    regularize = kinetic > 0
-    history: dict[str, Any] = {k: [] for k in ("iteration", "loss", "nll", "kinetic", "nfe_forward",
-                                                "nfe_backward", "time", "lr")}
-    history["leave_out"] = leave_out
-    elapsed = 0.0
-    bar = tqdm(range(cfg.iterations), disable=not progress, desc="training", mininterval=1.0)
-    for it in bar:
-        start = time.perf_counter()
-        rate = cfg.lr_at(it)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        batch = []
-        for x in data:
-            if x is None or x.shape[0] <= cfg.batch_size:
-                batch.append(x)
-            else:
-                batch.append(x[torch.randperm(x.shape[0], generator=generator)[: cfg.batch_size]])
-        model.train()
-        try:
-            out = model.snapshot_log_probs(batch, regularize=regularize, generator=generator, **cfg.train_settings)
-        except SolverError as err:
-            raise TrainingError(f"iteration {it}: {err}") from err
-        nll = -torch.stack([lp.mean() for lp in out.log_probs if lp is not None]).mean()
-        loss = nll
-        kin = torch.zeros(())
-        if regularize:
-            kin = torch.cat([k for k in out.kinetic if k is not None]).mean()
-            loss = loss + kinetic * kin
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"iteration {it}: the loss is {loss.item()} (not finite). Try a smaller lr, a larger "
-                "kinetic weight, or check the representation for huge values."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        elapsed += time.perf_counter() - start
-        for key, value in (("iteration", it + 1), ("loss", loss.item()), ("nll", nll.item()),
-                           ("kinetic", kin.item()), ("nfe_forward", out.nfe_forward),
-                           ("nfe_backward", out.nfe_backward), ("time", elapsed), ("lr", rate)):
-            history[key].append(value)
-        bar.set_postfix(loss=f"{loss.item():.3f}", nfe=out.nfe_forward, refresh=False)
-    bar.close()
+    trainer = Trainer(model, data, None, config, objective=SnapshotLikelihood(),
+                      checkpoint_path=checkpoint_path, progress=progress)
+    if checkpoint_path is not None and trainer.checkpoint_path.exists():
+        trainer.resume()
+    history = trainer.fit()
     model.eval()
-    return history
+    return {**history, "leave_out": leave_out}
 
 
 def fit_trajectories(
@@ -827,6 +556,8 @@ def fit_trajectories(
     lr: float = 5e-3,
     lr_final: float = 5e-4,
     seed: int = 0,
+    train_settings: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
     key_added: str | None = "trajectory_cnf",
     progress: bool = True,
     **settings: Any,
@@ -837,23 +568,30 @@ def fit_trajectories(
         adata: the cells, with times in ``adata.obs[time_key]`` and coordinates in
             ``adata.obsm[use_rep]``.
         time_key, use_rep, n_comps: see :meth:`TimeCourse.from_anndata`.
-        leave_out: a time point to hold out of training.
+        leave_out: an intermediate time point to hold out of training.
         hidden, kinetic, iterations, batch_size, lr, lr_final, seed: the model and its training
             (``seed`` also seeds the initialization).
+        train_settings: solver settings of the training solves; default RK4 on a fixed grid of
+            step 1 (one step per snapshot interval), a training device only.
+        device: where the model trains and is returned (``"cuda"`` for a GPU).
         key_added: where a summary (times, settings, loss history) goes in ``adata.uns``
-            (``None``: nowhere).
+            (``None``: nowhere). Save the model itself with :func:`cnf_lib.saving.save_model`.
         progress: show a progress bar.
-        **settings: solver settings of the CNF (``method``, ``rtol``, ``step_size``, ...).
+        **settings: how the fitted model evaluates (``log_prob``, ``push``, ``sample``...):
+            :class:`~cnf_lib.cnf.SolverSettings` fields over :data:`TRAJECTORY_EVAL_SETTINGS`
+            (adaptive dopri5 at 1e-5).
 
     Returns:
-        The trained model; ``model.history`` is its training history.
+        The trained model, on ``device``; ``model.history`` is its training history.
     """
     course = TimeCourse.from_anndata(adata, time_key, use_rep, n_comps)
     torch.manual_seed(seed)
-    model = TrajectoryCNF.for_course(course, leave_out=leave_out, hidden=hidden, **settings)
+    model = TrajectoryCNF.for_course(course, leave_out=leave_out, hidden=hidden,
+                                     **{**TRAJECTORY_EVAL_SETTINGS, **settings}).to(device)
+    grid = dict(method="rk4", step_size=1.0) if train_settings is None else dict(train_settings)
     model.history = fit_timecourse(model, course, leave_out=leave_out, iterations=iterations,
                                    batch_size=batch_size, lr=lr, lr_final=lr_final, kinetic=kinetic,
-                                   seed=seed, progress=progress)
+                                   seed=seed, train_settings=grid, progress=progress)
     if key_added is not None:
         adata.uns[key_added] = dict(
             params=dict(time_key=time_key, use_rep=use_rep, n_comps=course.dim, hidden=list(hidden),
@@ -865,102 +603,3 @@ def fit_trajectories(
             nfe_forward=np.asarray(model.history["nfe_forward"]),
         )
     return model
-
-
-# ==============================================================================================
-# Baselines and path errors
-# ==============================================================================================
-
-
-def holdout_baselines(
-    course: TimeCourse, leave_out: float, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
-    """The four baseline guesses for a held-out intermediate time point.
-
-    * ``"previous"``: the snapshot before it; ``"next"``: the one after it;
-    * ``"random"``: another snapshot, drawn uniformly with ``generator``;
-    * ``"OT interpolation"``: McCann's interpolation between the two neighbours along their
-      exact W2 plan (:func:`cnf_lib.metrics.ot_interpolate`), at the held-out time's fraction
-      of the interval. Equal-sized neighbours give one point per pair; otherwise ``n`` pairs
-      (the held-out size) are drawn from the plan with ``generator``.
-
-    Arguments:
-        course: the time course.
-        leave_out: the held-out time point (not the first or last).
-        generator: for the random snapshot (and the plan's draws); a fixed default if ``None``.
-
-    Returns:
-        ``{name: points (m, D)}``.
-    """
-    k = course.index(leave_out)
-    if k == 0 or k == len(course.times) - 1:
-        raise ValueError(
-            f"time point {leave_out!r} is the first or last one; the baselines need a neighbour on both sides"
-        )
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    prev, nxt = course.snapshots[k - 1], course.snapshots[k + 1]
-    others = [j for j in range(len(course.times)) if j != k]
-    pick = others[int(torch.randint(len(others), (1,), generator=generator))]
-    s = (course.times[k] - course.times[k - 1]) / (course.times[k + 1] - course.times[k - 1])
-    if prev.shape[0] == nxt.shape[0]:
-        ot = ot_interpolate(prev, nxt, s)
-    else:
-        ot = ot_interpolate(prev, nxt, s, generator=generator, n_samples=course.snapshots[k].shape[0])
-    return {"previous": prev.clone(), "next": nxt.clone(), "random": course.snapshots[pick].clone(),
-            "OT interpolation": ot.to(prev.dtype)}
-
-
-def ot_paths(snapshots: Sequence[Tensor], times: Sequence[float], eval_times: Sequence[float]) -> Tensor:
-    r"""Paths of the first snapshot's cells by chaining exact OT matchings of consecutive snapshots.
-
-    The W2 plan :math:`\pi_k` between snapshots :math:`k` and :math:`k+1` (uniform weights) is
-    turned into a transition matrix :math:`T_k = n_k \pi_k` (rows sum to one); a cell of the
-    first snapshot sits at :math:`w_k X_k` at time :math:`t_k`, with :math:`w_0` its indicator and
-    :math:`w_{k+1} = w_k T_k` (the barycentric projection; a permutation when the snapshots have
-    equal sizes, so the path visits one cell per snapshot), and moves on straight lines between
-    snapshot times: McCann's interpolation, chained.
-
-    Arguments:
-        snapshots: K point clouds, shapes (n_k, D).
-        times: their K increasing times.
-        eval_times: where to read the paths, within ``[times[0], times[-1]]``.
-
-    Returns:
-        Positions, shape (len(eval_times), n_0, D), float32.
-    """
-    if len(snapshots) != len(times) or len(times) < 2:
-        raise ValueError(f"need at least 2 snapshots with one time each, got {len(snapshots)} and {len(times)}")
-    t = np.asarray(times, dtype=np.float64)
-    if not np.all(np.diff(t) > 0):
-        raise ValueError(f"times must be strictly increasing, got {t.tolist()}")
-    xs = [check_points(s, f"snapshot {k}", dtype=torch.float64).detach().cpu().numpy() for k, s in enumerate(snapshots)]
-    te = np.asarray(eval_times, dtype=np.float64).reshape(-1)
-    if te.size == 0 or te.min() < t[0] - 1e-9 or te.max() > t[-1] + 1e-9:
-        raise ValueError(f"eval_times must lie in [{t[0]}, {t[-1]}], got {te.tolist()}")
-    w = np.eye(len(xs[0]))
-    at_snapshots = [xs[0]]
-    for k in range(len(xs) - 1):
-        n, m = len(xs[k]), len(xs[k + 1])
-        plan = ot.emd(np.full(n, 1.0 / n), np.full(m, 1.0 / m), cdist(xs[k], xs[k + 1], "sqeuclidean"),
-                      numItermax=10_000_000)
-        w = w @ (plan * n)
-        at_snapshots.append(w @ xs[k + 1])
-    pos = np.stack(at_snapshots)  # (K, n0, D)
-    seg = np.clip(np.searchsorted(t, te, side="right") - 1, 0, len(t) - 2)
-    frac = ((te - t[seg]) / (t[seg + 1] - t[seg]))[:, None, None]
-    out = (1 - frac) * pos[seg] + frac * pos[seg + 1]
-    return torch.as_tensor(out, dtype=torch.float32)
-
-
-def path_error(predicted: Tensor, true: Tensor) -> float:
-    """Mean Euclidean distance between predicted and true paths over cells and times.
-
-    Arguments:
-        predicted, true: positions of the same cells at the same times, shape (T, n, D).
-    """
-    p, q = torch.as_tensor(predicted).detach().double(), torch.as_tensor(true).detach().double()
-    if p.shape != q.shape or p.ndim != 3:
-        raise ValueError(f"predicted and true must have the same shape (T, n, D), got {tuple(p.shape)} and {tuple(q.shape)}")
-    if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
-        raise ValueError("paths contain NaN or infinite values")
-    return float((p - q).norm(dim=-1).mean())

@@ -325,3 +325,16 @@ def test_seminorm_adjoint_keeps_the_solver_options(monkeypatch: pytest.MonkeyPat
     model = CNF(2, hidden=(8,), adjoint=True, adjoint_seminorm=True, max_num_steps=123)
     model.log_prob(torch.randn(5, 2))
     assert seen["adjoint_options"] == {"max_num_steps": 123, "norm": "seminorm"}
+
+
+def test_hutchinson_with_the_adjoint_gives_backprops_gradients_for_the_same_probe() -> None:
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(8, 8), trace="hutchinson", rtol=1e-9, atol=1e-9).double()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for adjoint in (False, True):
+        model.zero_grad()
+        logp = model.log_prob(x, adjoint=adjoint, generator=torch.Generator().manual_seed(2))
+        logp.mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

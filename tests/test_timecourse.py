@@ -14,19 +14,9 @@ import torch
 
 from cnf_lib.fields import LinearField
 from cnf_lib.metrics import wasserstein
-from cnf_lib.timecourse import (
-    TimeCourse,
-    TrajectoryCNF,
-    fit_timecourse,
-    fit_trajectories,
-    holdout_baselines,
-    ot_paths,
-    path_error,
-    preprocess,
-    project_counts,
-    simulate_differentiation,
-    true_paths,
-)
+from cnf_lib.baselines import holdout_baselines, ot_paths, path_error
+from cnf_lib.simulation import preprocess, project_counts, simulate_differentiation, true_paths
+from cnf_lib.timecourse import TimeCourse, TrajectoryCNF, fit_timecourse, fit_trajectories
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +313,7 @@ def test_training_errors() -> None:
     with pytest.raises(ValueError, match="times"):
         fit_timecourse(small(translated_course(times=(0.0, 1.0, 5.0))), course, **RECIPE)
     two = translated_course(times=(0.0, 1.0))
-    with pytest.raises(ValueError, match="single snapshot"):
+    with pytest.raises(ValueError, match="first or last"):
         fit_timecourse(small(two), two, leave_out=1.0, **RECIPE)
 
 
@@ -332,7 +322,7 @@ def test_fit_trajectories_scanpy_style() -> None:
     x = torch.cat(course.snapshots).numpy()
     adata = cells_adata(x, np.repeat(course.times, 20), key="day")
     model = fit_trajectories(adata, time_key="day", hidden=(8,), iterations=3, batch_size=8,
-                             method="rk4", step_size=1.0, progress=False, key_added="traj")
+                             progress=False, key_added="traj")
     assert isinstance(model, TrajectoryCNF) and len(model.history["loss"]) == 3
     info = adata.uns["traj"]
     assert info["params"]["time_key"] == "day" and len(info["loss"]) == 3
@@ -422,3 +412,59 @@ def test_kinetic_energy_of_a_linear_field_in_representation_units() -> None:
     T = model.model_time(3.0) - model.model_time(1.0)
     expected = a * (x - m).pow(2).sum(1) * (math.exp(2 * a * T) - 1) / 2
     torch.testing.assert_close(model.kinetic_energy(x, 1.0, 3.0), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one trainer
+
+
+def test_a_nan_in_the_time_course_fit_stops_with_the_last_good_parameters() -> None:
+    from cnf_lib import TrainingError
+
+    course = translated_course()
+    model = small(course)
+    fit_timecourse(model, course, **{**RECIPE, "iterations": 2})
+    good = [p.detach().clone() for p in model.parameters()]
+    original = model.snapshot_log_probs
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.log_probs = [None if lp is None else lp * float("nan") for lp in out.log_probs]
+        return out
+
+    model.snapshot_log_probs = poisoned
+    with pytest.raises(TrainingError, match="not finite"):
+        fit_timecourse(model, course, **RECIPE)
+    for p, q in zip(model.parameters(), good):
+        assert torch.equal(p, q)
+
+
+def test_the_time_course_fit_trains_with_hutchinson_and_resumes_exactly(tmp_path) -> None:
+    course = translated_course()
+    kw = dict(RECIPE, iterations=6, kinetic=0.1, seed=2)
+
+    def model() -> TrajectoryCNF:
+        torch.manual_seed(0)
+        return TrajectoryCNF.for_course(course, hidden=(16,), trace="hutchinson", method="rk4", step_size=0.5)
+
+    full_model = model()
+    full = fit_timecourse(full_model, course, **kw)
+    assert full["loss"][-1] < full["loss"][0]
+    first = model()
+    fit_timecourse(first, course, **dict(kw, iterations=6), checkpoint_path=tmp_path / "c.pt")
+    # a new process: the same call finds the finished checkpoint and resumes from it
+    again = model()
+    h = fit_timecourse(again, course, **kw, checkpoint_path=tmp_path / "c.pt")
+    assert h["loss"] == full["loss"]
+    for p, q in zip(again.parameters(), full_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fit_trajectories_trains_on_a_grid_but_evaluates_adaptively() -> None:
+    course = translated_course(n=20)
+    adata = cells_adata(torch.cat(course.snapshots).numpy(), np.repeat(course.times, 20))
+    model = fit_trajectories(adata, hidden=(8,), iterations=2, batch_size=8, progress=False, key_added=None)
+    # RK4 with step 1: three unit segments (the prior gap and two intervals), 4 evaluations each
+    assert model.history["nfe_forward"] == [12, 12]
+    assert model.cnf.settings.method == "dopri5" and model.cnf.settings.rtol == 1e-5
+    with pytest.raises(ValueError, match="first or last"):
+        fit_trajectories(adata, leave_out=0.0, hidden=(8,), iterations=1, progress=False, key_added=None)
