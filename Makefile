@@ -23,7 +23,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check cnf_lib tests benchmarks tools
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest tests
 	rm -rf .glue/nbval
 	CNF_LIB_GLUE_LOG=$(CURDIR)/.glue/nbval $(BIN)/python -m pytest --nbval-lax --nbval-current-env \

@@ -29,9 +29,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
-
 from common import EVAL_SETTINGS, TEST_SEED, TEST_SIZE, Timer, cosine_lr, median
+from torch import nn
 
 HIDDEN = (64, 64, 64)
 BATCH = 256

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from common import ADAPTIVE_RECIPE, Timer, interleaved, median
 
 WARMUP_ITERATIONS = 40
@@ -43,6 +42,7 @@ def _trained_model(quick: bool) -> Any:
 
 def run(quick: bool = False) -> dict[str, Any]:
     from common import AutogradDivergence
+
     from cnf_lib import CNF
 
     model, moons = _trained_model(quick)

@@ -78,8 +78,8 @@ def _fixed_grid_pitfall(recipe: dict[str, Any], quick: bool) -> dict[str, Any]:
     """Train on a grid too coarse (two RK4 steps, 8 evaluations per solve: half the recipe's
     four) and evaluate the same model on that grid and with dopri5 at 1e-5."""
     import torch
-
     from common import TEST_SEED, TEST_SIZE
+
     from cnf_lib.datasets import make_toy
 
     coarse = dict(recipe, iterations=5 if quick else 300,

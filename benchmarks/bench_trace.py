@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from common import interleaved
 
 DIMS = (2, 4, 8, 16, 32, 64, 128, 256, 512)

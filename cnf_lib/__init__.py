@@ -12,7 +12,13 @@ Modules (one idea each):
 * :mod:`cnf_lib.discrete` — invertible maps with log-determinants (chapter 1);
 * :mod:`cnf_lib.odes` — NFE counting, ODE test problems with closed forms, activation memory (chapter 2);
 * :mod:`cnf_lib.singlecell` — AnnData entry points: fit a CNF density to cells, score them, sample (chapter 6);
-* :mod:`cnf_lib.timecourse` — time courses of cells: simulation with true paths, a CNF through all snapshots, baselines (chapter 7);
+* :mod:`cnf_lib.timecourse` — a CNF through all snapshots of a time course of cells (chapter 7);
+* :mod:`cnf_lib.simulation` — a simulated time course with true cell paths (chapter 7);
+* :mod:`cnf_lib.baselines` — OT interpolation and other baselines, path errors (chapter 7);
+* :mod:`cnf_lib.checks` — input checks and the rule for randomness and devices;
+* :mod:`cnf_lib.objectives` — what the trainer minimizes (maximum likelihood by default);
+* :mod:`cnf_lib.jobs` — independent trainings in worker processes (chapter 5);
+* :mod:`cnf_lib.saving` — one way to save and load a trained model;
 * :mod:`cnf_lib.glue` — numbers in the book's prose, recorded for the determinism check.
 """
 

@@ -121,7 +121,8 @@ def path_error(predicted: Tensor, true: Tensor) -> float:
     """
     p, q = (torch.as_tensor(a).detach().cpu().double() for a in (predicted, true))
     if p.shape != q.shape or p.ndim != 3:
-        raise ValueError(f"predicted and true must have the same shape (T, n, D), got {tuple(p.shape)} and {tuple(q.shape)}")
+        raise ValueError(f"predicted and true must have the same shape (T, n, D), got {tuple(p.shape)} and "
+                         f"{tuple(q.shape)}")
     if not (torch.isfinite(p).all() and torch.isfinite(q).all()):
         raise ValueError("paths contain NaN or infinite values")
     return float((p - q).norm(dim=-1).mean())

@@ -112,8 +112,8 @@ def simulate_differentiation(
     a fate bias present from the start, which the "primed" genes show. Gene :math:`g` is expressed
     at a rate proportional to :math:`\exp(b_g + a_g\, \mathrm{sigmoid}(s_g (w_g \cdot z - c_g)))`
     (programs, in turn: early, late, branch A, branch B, primed A, primed B, housekeeping) and a
-    cell's counts are Poisson with a log-normal library size. ``n_cells`` cells are simulated *per time point*, each from its own
-    path, and observed (destroyed) at that time only; the whole path stays known.
+    cell's counts are Poisson with a log-normal library size. ``n_cells`` cells are simulated *per time point*, each
+    from its own path, and observed (destroyed) at that time only; the whole path stays known.
 
     Arguments:
         n_cells: cells per time point.

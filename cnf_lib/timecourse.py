@@ -91,7 +91,8 @@ def _numeric_times(column: Any, time_key: str) -> np.ndarray:
             examples = list(dict.fromkeys(map(str, values)))[:3]
             raise ValueError(
                 f"adata.obs[{time_key!r}] is not numeric (values like {examples}); store the times as "
-                f"numbers, e.g. adata.obs['t'] = adata.obs[{time_key!r}].str.extract(r'(\\d+\\.?\\d*)')[0].astype(float)"
+                f"numbers, e.g. adata.obs['t'] = "
+                f"adata.obs[{time_key!r}].str.extract(r'(\\d+\\.?\\d*)')[0].astype(float)"
             ) from None
     if not np.isfinite(t).all():
         raise ValueError(f"adata.obs[{time_key!r}] has {int((~np.isfinite(t)).sum())} missing or infinite times")
@@ -325,7 +326,8 @@ class TrajectoryCNF(nn.Module):
             A :class:`SnapshotLogProbs`.
         """
         if len(snapshots) != len(self.times):
-            raise ValueError(f"expected {len(self.times)} snapshots (one per time point, None to skip), got {len(snapshots)}")
+            raise ValueError(f"expected {len(self.times)} snapshots (one per time point, None to skip), "
+                             f"got {len(snapshots)}")
         taus = [self.model_time(t) for t in self.times]
         pos: Tensor | None = None
         delta = kin = None
@@ -345,7 +347,8 @@ class TrajectoryCNF(nn.Module):
             if pos is None:
                 continue
             t_end = taus[k - 1] if k > 0 else 0.0
-            res = self.cnf.flow(pos, taus[k], t_end, logdet=True, regularize=regularize, generator=generator, **overrides)
+            res = self.cnf.flow(pos, taus[k], t_end, logdet=True, regularize=regularize, generator=generator,
+                                **overrides)
             results.append(res)
             nfe += res.nfe_forward
             pos, delta = res.x, delta + res.delta_logp
@@ -427,7 +430,8 @@ class SnapshotLikelihood:
     coordinates, shape (n_k, D), or ``None`` for a time point left out. A batch draws
     ``batch_size`` cells from every snapshot (all of them if it has fewer), and the loss is
 
-    .. math:: -\frac{1}{K'}\sum_k \overline{\log p_{\tau_k}(x)} + \lambda\, \overline{\textstyle\int \lVert f \rVert^2 d\tau}
+    .. math:: -\frac{1}{K'}\sum_k \overline{\log p_{\tau_k}(x)}
+              + \lambda\, \overline{\textstyle\int \lVert f \rVert^2 d\tau}
 
     (:math:`K'` snapshots given, :math:`\lambda` = ``config.kinetic``), from one backward sweep
     (:meth:`TrajectoryCNF.snapshot_log_probs`) with ``config.train_settings``.
@@ -446,8 +450,8 @@ class SnapshotLikelihood:
                 for k, x in enumerate(data)]
 
     def batch(self, data: list[Tensor | None], batch_size: int, generator: torch.Generator) -> list[Tensor | None]:
-        return [x if x is None or x.shape[0] <= batch_size else x[randperm(x.shape[0], generator, x.device)[:batch_size]]
-                for x in data]
+        return [x if x is None or x.shape[0] <= batch_size
+                else x[randperm(x.shape[0], generator, x.device)[:batch_size]] for x in data]
 
     def _nll(self, model: nn.Module, batch: list[Tensor | None], settings: dict[str, Any], regularize: bool,
              generator: torch.Generator) -> tuple[Tensor, SnapshotLogProbs]:

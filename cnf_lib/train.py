@@ -296,7 +296,8 @@ class Trainer:
             return
         last = self.iteration == cfg.iterations
         due = (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
-        if self.test_data is not None and due and not (h["eval_iteration"] and h["eval_iteration"][-1] == self.iteration):
+        evaluated = bool(h["eval_iteration"]) and h["eval_iteration"][-1] == self.iteration
+        if self.test_data is not None and due and not evaluated:
             self.evaluate()
         due = (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
         if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
@@ -436,6 +437,7 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated or foreign files fail in many ways inside torch
-            raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({err})") from err
+            raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint "
+                             f"({err})") from err
         self.load_state_dict(state)
         return self

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from test_fields import Opaque  # a field without its own divergence methods
 from torch import nn
 
 import cnf_lib.cnf as cnf_module
 from cnf_lib import CNF, SolverError
 from cnf_lib.cnf import standard_normal_log_prob
 from cnf_lib.fields import ConcatSquashMLP, LinearField
-from test_fields import Opaque  # a field without its own divergence methods
 
 TIGHT = dict(rtol=1e-8, atol=1e-8)
 

@@ -217,7 +217,9 @@ def test_circles_bessel_form_against_quadrature_over_the_angle():
         dens = 0.0
         for r in (1.0, 2.0):
             # Gaussian factor relative to its peak (at theta = phi), which is exp(-(|x|-r)^2/2s2).
-            g = lambda th: math.exp(-np.linalg.norm(x) * r * (1 - math.cos(th - phi)) / s2)
+            def g(th, x=x, r=r, phi=phi):
+                return math.exp(-np.linalg.norm(x) * r * (1 - math.cos(th - phi)) / s2)
+
             val, _ = integrate.quad(g, 0, 2 * math.pi, points=[phi], limit=200, epsrel=1e-12)
             dens += 0.5 * math.exp(-((np.linalg.norm(x) - r) ** 2) / (2 * s2)) * val / (2 * math.pi)
         ref.append(math.log(dens / (2 * math.pi * s2)))
@@ -277,7 +279,7 @@ def test_pinwheel_against_change_of_variables_through_the_forward_map():
     ys, ref = [], []
     for ai, bi, ki in zip(a, b, k.tolist()):
         u = torch.stack([ai, bi])
-        jac = torch.autograd.functional.jacobian(lambda v: _pinwheel_forward(v, ki, t), u)
+        jac = torch.autograd.functional.jacobian(lambda v: _pinwheel_forward(v, ki, t), u)  # noqa: B023 (used at once)
         log_n = torch.distributions.Normal(torch.tensor([1.0, 0.0], dtype=F64),
                                            torch.tensor([0.3, 0.1], dtype=F64)).log_prob(u).sum()
         ys.append(_pinwheel_forward(u, ki, t))
@@ -379,8 +381,9 @@ def test_check_points_uses_the_name_and_converts():
 # GaussianMixture: the D-dimensional toy of chapter 4
 # --------------------------------------------------------------------------------------------
 
-from cnf_lib.datasets import GaussianMixture  # noqa: E402
 from scipy.stats import multivariate_normal  # noqa: E402
+
+from cnf_lib.datasets import GaussianMixture  # noqa: E402
 
 
 def scipy_mixture_log_prob(mix: GaussianMixture, x: np.ndarray) -> np.ndarray:

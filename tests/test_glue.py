@@ -14,7 +14,7 @@ from cnf_lib.glue import GLUE_LOG_ENV, glue
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def record(folder: Path, monkeypatch: pytest.MonkeyPatch, values: dict, varies: set[str] = set()) -> None:
+def record(folder: Path, monkeypatch: pytest.MonkeyPatch, values: dict, varies: frozenset[str] = frozenset()) -> None:
     monkeypatch.setenv(GLUE_LOG_ENV, str(folder))
     for name, value in values.items():
         glue(name, value, varies=name in varies)

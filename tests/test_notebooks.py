@@ -34,7 +34,8 @@ def test_chapter_has_paired_notebook(md: Path) -> None:
 @pytest.mark.parametrize("nb", sorted(BOOK.glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_has_no_outputs(nb: Path) -> None:
     cells = json.loads(nb.read_text())["cells"]
-    dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [i for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
     assert not dirty, f"{nb.name} is committed with outputs in cells {dirty}: clear them"
 
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from cnf_lib.baselines import holdout_baselines, ot_paths, path_error
 from cnf_lib.fields import LinearField
 from cnf_lib.metrics import wasserstein
-from cnf_lib.baselines import holdout_baselines, ot_paths, path_error
 from cnf_lib.simulation import preprocess, project_counts, simulate_differentiation, true_paths
 from cnf_lib.timecourse import TimeCourse, TrajectoryCNF, fit_timecourse, fit_trajectories
 
@@ -283,7 +283,8 @@ def test_training_lowers_the_loss_and_is_deterministic() -> None:
     h2 = fit_timecourse(small(course), course, kinetic=0.1, seed=4, **RECIPE)
     assert h1["loss"] == h2["loss"]
     assert np.mean(h1["nll"][-3:]) < h1["nll"][0] - 0.3
-    assert all(k > 0 for k in h1["kinetic"]) and h1["nfe_forward"][0] == 3 * 2 * 4  # 3 segments (2 intervals + the prior gap) of 2 rk4 steps
+    # 3 segments (2 intervals + the prior gap) of 2 rk4 steps
+    assert all(k > 0 for k in h1["kinetic"]) and h1["nfe_forward"][0] == 3 * 2 * 4
     h0 = fit_timecourse(small(course), course, kinetic=0.0, seed=4, **RECIPE)
     assert all(k == 0 for k in h0["kinetic"])
 
