@@ -55,7 +55,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -520,7 +519,7 @@ def fit_density(
     eval_every: int = 25,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool = True,
     copy: bool = False,
     **train_kwargs: Any,
 ) -> AnnData | None:
@@ -555,7 +554,8 @@ def fit_density(
             about half a minute on one CPU core); with ``batch_size`` at least the number of
             training cells every iteration sees all of them.
         device: Where the network trains (``"cuda"`` for a GPU).
-        progress: Show the trainer's progress bar.
+        progress: Show the trainer's progress bar (one bar for the whole fit, with the last
+            validation NLL).
         copy: Work on a copy of ``adata`` and return it.
         **train_kwargs: Other :class:`~cnf_lib.train.TrainConfig` fields (``frobenius``,
             ``grad_clip``: no clipping unless given). Training solves use ``solver`` (not the
@@ -581,7 +581,7 @@ def fit_density(
         raise ValueError(f"patience must be a positive integer or None; got {patience!r}")
     if int(eval_every) != eval_every or eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer; got {eval_every!r}")
-    for name in ("eval_settings", "test_data", "checkpoint_path"):
+    for name in ("eval_settings", "test_data", "checkpoint_path", "keep_best"):
         if name in train_kwargs:
             raise ValueError(f"{name} cannot be set through fit_density")
     if copy:
@@ -615,25 +615,14 @@ def fit_density(
     train_kwargs = {"train_settings": {}, "grad_clip": None, **train_kwargs}
     config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                          kinetic=kinetic, eval_every=eval_every, eval_settings=dict(EVAL_SETTINGS), seed=seed,
+                         keep_best=z_val is not None, patience=patience if z_val is not None else None,
                          **train_kwargs)
     trainer = Trainer(model, z_train, z_val, config, progress=progress)
-
-    best_nll, best_it, best_state, bad = math.inf, iterations, None, 0
-    if z_val is None:
-        trainer.fit()
-    else:
-        while trainer.iteration < iterations:
-            trainer.fit(until=trainer.iteration + eval_every)
-            value = trainer.history["test_nll"][-1]
-            if value < best_nll:
-                best_nll, best_it, bad = value, trainer.iteration, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if patience is not None and bad >= patience:
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
+    trainer.fit()
+    best_it = trainer.iteration
+    if trainer.best is not None:  # the parameters of the best validation NLL
+        model.load_state_dict(trainer.best["state"])
+        best_it = trainer.best["iteration"]
 
     h = trainer.history
     kept = ("iteration", "loss", "nfe_forward", "time", "lr", "eval_iteration", "eval_nfe")
@@ -647,7 +636,7 @@ def fit_density(
         n_comps=n_comps,
         var_names=[str(v) for v in adata.var_names] if use_rep == "X" else None,
         history=history,
-        best_iteration=best_it if z_val is not None else trainer.iteration,
+        best_iteration=best_it,
         train_config={**asdict(config), "validation_fraction": float(validation_fraction),
                       "patience": patience, "n_train": int(n - n_val), "n_validation": int(n_val)},
     )

@@ -74,6 +74,10 @@ class TrainConfig:
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
         train_settings: solver settings for the training solves (override the model's; ``{}``:
             the model's own, e.g. its adaptive dopri5).
+        keep_best: remember the parameters of the best held-out NLL (:attr:`Trainer.best`), e.g.
+            to keep them at the end (early stopping without losing the schedule's end).
+        patience: stop after this many evaluations without a better held-out NLL (``None``:
+            never; needs ``keep_best``).
     """
 
     # The defaults are the 2-D recipe measured in benchmarks/ (bench_recipe.py, RECIPE.md): about
@@ -94,8 +98,13 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = 1.0
     train_settings: dict[str, Any] = field(default_factory=lambda: dict(method="rk4", step_size=0.25))
+    keep_best: bool = False
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        bad_patience = int(self.patience) != self.patience or self.patience < 1 if self.patience is not None else False
+        if bad_patience or (self.patience is not None and not self.keep_best):
+            raise ValueError(f"patience must be a positive integer with keep_best=True, got {self.patience!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ValueError(f"iterations must be >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
         if not (self.lr > 0 and self.lr_final > 0):
@@ -173,6 +182,9 @@ class Trainer:
             ``eval_nfe``).
         iteration: iterations done.
         generator: the CPU generator of batches and probes (seeded by ``config.seed``).
+        best: with ``config.keep_best``, ``{"iteration", "nll", "state"}`` of the best held-out
+            NLL so far (``state``: a copy of the model's state dict), else ``None``.
+        stopped_early: ``True`` once ``config.patience`` evaluations in a row did not improve.
     """
 
     def __init__(
@@ -204,6 +216,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
         self.iteration = 0
+        self.best: dict[str, Any] | None = None
+        self._since_best = 0
+        self.stopped_early = False
         self._saved_at: int | None = None
         self.history: dict[str, list[float]] = {
             k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time", "lr",
@@ -298,10 +313,20 @@ class Trainer:
         due = (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
         evaluated = bool(h["eval_iteration"]) and h["eval_iteration"][-1] == self.iteration
         if self.test_data is not None and due and not evaluated:
-            self.evaluate()
+            self._track_best(self.evaluate())
         due = (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
         if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
             self.save(self.checkpoint_path)
+
+    def _track_best(self, value: float) -> None:
+        if not self.config.keep_best:
+            return
+        if self.best is None or value < self.best["nll"]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best, self._since_best = dict(iteration=self.iteration, nll=value, state=state), 0
+        else:
+            self._since_best += 1
+            self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, list[float]]:
@@ -312,6 +337,9 @@ class Trainer:
                 are those of the last good iteration; history and checkpoint are kept.
             KeyboardInterrupt: re-raised after saving a checkpoint (when a path is set) of the
                 state between the last complete iteration and the next.
+
+        With ``config.patience``, training also stops once that many evaluations in a row did not
+        improve the best held-out NLL (:attr:`stopped_early`).
         """
         cfg = self.config
         until = cfg.iterations if until is None else min(int(until), cfg.iterations)
@@ -320,7 +348,7 @@ class Trainer:
         try:
             while True:
                 self._finish_iteration()
-                if self.iteration >= until:
+                if self.iteration >= until or self.stopped_early:
                     break
                 try:
                     rec = self._iterate()
@@ -375,6 +403,8 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             generator=self.generator.get_state(),
             history=self.history,
+            best=self.best,
+            since_best=self._since_best,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -421,6 +451,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
+        self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
         self._saved_at = self.iteration
 
     def resume(self, path: str | os.PathLike | None = None) -> "Trainer":

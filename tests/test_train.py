@@ -401,3 +401,23 @@ def test_log_prob_at_time_zero_is_the_prior() -> None:
 
     x = gaussian_data(5, 0)
     assert torch.equal(small_model().log_prob(x, t=0.0), standard_normal_log_prob(x))
+
+
+def test_keep_best_and_patience_stop_early_and_resume_exactly(tmp_path: Path) -> None:
+    kw = dict(iterations=40, eval_every=2, keep_best=True, patience=2, lr=0.3, lr_final=0.3)
+    full = make_trainer(**kw)
+    full.fit()
+    assert full.stopped_early and full.iteration < 40  # a learning rate this large stops improving
+    evals = full.history["test_nll"]
+    assert full.best["nll"] == min(evals)
+    assert full.best["iteration"] == full.history["eval_iteration"][evals.index(min(evals))]
+    part = make_trainer(tmp_path, **kw)
+    part.fit(until=3)
+    part.save(tmp_path / "ckpt.pt")
+    resumed = make_trainer(tmp_path, **kw).resume()
+    resumed.fit()
+    assert resumed.iteration == full.iteration and resumed.history["test_nll"] == evals
+    for k, v in full.best["state"].items():
+        assert torch.equal(resumed.best["state"][k], v)
+    with pytest.raises(ValueError, match="keep_best"):
+        make_trainer(patience=2)
