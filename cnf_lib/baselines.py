@@ -30,24 +30,27 @@ __all__ = ["holdout_baselines", "ot_paths", "path_error"]
 
 
 def holdout_baselines(
-    course: TimeCourse, leave_out: float, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
+    course: TimeCourse, leave_out: float, generator: torch.Generator | None = None, *, return_weights: bool = False
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor | None]]:
     """The four baseline guesses for a held-out intermediate time point.
 
     * ``"previous"``: the snapshot before it; ``"next"``: the one after it;
     * ``"random"``: another snapshot, drawn uniformly with ``generator``;
     * ``"OT interpolation"``: McCann's interpolation between the two neighbours along their
       exact W2 plan (:func:`cnf_lib.metrics.ot_interpolate`), at the held-out time's fraction
-      of the interval. Equal-sized neighbours give one point per pair; otherwise ``n`` pairs
-      (the held-out size) are drawn from the plan with ``generator``.
+      of the interval: one point per pair of the plan's support, deterministic. Equal-sized
+      neighbours give one point per cell with equal weights; otherwise the points carry the
+      plan's (unequal) weights: ask for them with ``return_weights`` and pass them to
+      :func:`cnf_lib.metrics.wasserstein` (``a=``).
 
     Arguments:
         course: the time course.
         leave_out: the held-out time point (not the first or last).
-        generator: for the random snapshot (and the plan's draws); a fixed default if ``None``.
+        generator: for the random snapshot; a fixed default if ``None``.
+        return_weights: also return ``{name: weights (m,) or None for uniform}``.
 
     Returns:
-        ``{name: points (m, D)}``.
+        ``{name: points (m, D)}`` (and the weights with ``return_weights``).
     """
     k = course.index(leave_out)
     if k == 0 or k == len(course.times) - 1:
@@ -59,12 +62,14 @@ def holdout_baselines(
     others = [j for j in range(len(course.times)) if j != k]
     pick = others[int(torch.randint(len(others), (1,), generator=generator))]
     s = (course.times[k] - course.times[k - 1]) / (course.times[k + 1] - course.times[k - 1])
-    if prev.shape[0] == nxt.shape[0]:
-        ot = ot_interpolate(prev, nxt, s)
-    else:
-        ot = ot_interpolate(prev, nxt, s, generator=generator, n_samples=course.snapshots[k].shape[0])
-    return {"previous": prev.clone(), "next": nxt.clone(), "random": course.snapshots[pick].clone(),
-            "OT interpolation": ot.to(prev.dtype)}
+    ot_points, ot_weights = ot_interpolate(prev, nxt, s, return_weights=True)
+    guesses = {"previous": prev.clone(), "next": nxt.clone(), "random": course.snapshots[pick].clone(),
+               "OT interpolation": ot_points.to(prev.dtype)}
+    if not return_weights:
+        return guesses
+    uniform = prev.shape[0] == nxt.shape[0]
+    return guesses, {"previous": None, "next": None, "random": None,
+                     "OT interpolation": None if uniform else ot_weights}
 
 
 def ot_paths(snapshots: Sequence[Tensor], times: Sequence[float], eval_times: Sequence[float]) -> Tensor:

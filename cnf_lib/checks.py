@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_points", "randn", "rademacher", "randperm", "module_device"]
+__all__ = ["check_points", "randn", "rademacher", "randperm", "categorical", "module_device"]
 
 
 def check_points(
@@ -142,6 +142,23 @@ def randperm(n: int, generator: torch.Generator | None = None,
     """A random permutation of ``0..n-1`` drawn as :func:`randn` is. Shape (n,), int64."""
     idx = torch.randperm(int(n), generator=generator, device=_draw_device(generator))
     return idx if device is None else idx.to(device)
+
+
+def categorical(weights: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` indices drawn with probabilities ``weights`` (non-negative, summing to 1), by inverting
+    the cumulative distribution: any number of categories (``torch.multinomial`` stops at 2^24).
+
+    Arguments:
+        weights: shape (k,).
+        n: the number of draws.
+        generator: as for :func:`randn` (uniforms drawn in float64 on its device).
+
+    Returns:
+        Indices, shape (n,), int64, on the CPU.
+    """
+    u = torch.rand(int(n), generator=generator, dtype=torch.float64, device=_draw_device(generator)).cpu()
+    cdf = torch.cumsum(torch.as_tensor(weights).detach().cpu().to(torch.float64), 0)
+    return torch.searchsorted(cdf, u, right=True).clamp_max(len(cdf) - 1)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import check_points
+from .checks import categorical, check_points
 
 __all__ = [
     "TOY_NAMES",
@@ -73,13 +73,6 @@ def _check_count(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"the number of samples must be a non-negative integer; got {n!r}")
     return int(n)
-
-
-def _choice(weights: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Draws `n` indices with probabilities `weights` (summing to 1) by inverting the CDF."""
-    u = torch.rand(n, generator=generator, dtype=_F64)
-    cdf = torch.cumsum(weights.to(_F64), 0)
-    return torch.searchsorted(cdf, u, right=True).clamp_max(len(weights) - 1)
 
 
 def _round_up(x: float, step: float = 0.5) -> float:
@@ -294,7 +287,7 @@ class NoisyCurves(Toy2D):
 
     def _sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         u = torch.rand(n, generator=generator, dtype=_F64).numpy()
-        j = _choice(torch.from_numpy(self.weights), n, generator).numpy()
+        j = categorical(torch.from_numpy(self.weights), n, generator).numpy()
         eps = torch.randn(n, 2, generator=generator, dtype=_F64).numpy()
         t = self.icdf(u)
         x = np.empty((n, 2))
@@ -516,7 +509,7 @@ class Circles(Toy2D):
         self.bounds = (-b, b)
 
     def _sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        j = _choice(self.weights, n, generator)
+        j = categorical(self.weights, n, generator)
         theta = 2.0 * math.pi * torch.rand(n, generator=generator, dtype=_F64)
         eps = torch.randn(n, 2, generator=generator, dtype=_F64)
         r = self.radii[j, None]
@@ -995,7 +988,7 @@ class GaussianMixture:
             The samples, float32, shape :math:`(n, D)`, on the CPU.
         """
         n = _check_count(n)
-        k = _choice(self.weights, n, generator)
+        k = categorical(self.weights, n, generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=_F64)
         return (self.means[k] + self.stds[k, None] * eps).to(torch.float32)
 

@@ -39,7 +39,7 @@ import torch
 from numpy.typing import ArrayLike
 from scipy.spatial.distance import cdist
 
-from .checks import check_points
+from .checks import categorical, check_points
 
 ArrayOrTensor = ArrayLike | torch.Tensor
 
@@ -271,7 +271,8 @@ def ot_interpolate(
     s: float,
     generator: torch.Generator | None = None,
     n_samples: int | None = None,
-) -> torch.Tensor:
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Returns McCann's displacement interpolation between two point clouds.
 
     The exact optimal-transport plan :math:`\pi` for the squared Euclidean cost (the
@@ -289,8 +290,9 @@ def ot_interpolate(
       row-major order :math:`(i, j)`. With :math:`n = m` the plan is a permutation, so the
       result has :math:`k = n` points and at :math:`s = 0` it is ``x0`` in its own order. With
       :math:`n \neq m` a point may be split between several partners, so
-      :math:`k \leq n + m - 1` and the points carry the (unequal) plan weights, which are
-      not returned.
+      :math:`k \leq n + m - 1` and the points carry the (unequal) plan weights: ask for them
+      with ``return_weights=True`` and pass them to :func:`wasserstein` (``a=``) for an exact,
+      deterministic distance.
     * with a ``generator``: :math:`k` = ``n_samples`` (default :math:`n`) pairs drawn i.i.d.
       from the plan, so the points are equally weighted samples of the interpolant.
 
@@ -301,10 +303,13 @@ def ot_interpolate(
         generator: A :class:`torch.Generator` to sample pairs from the plan. If :py:`None`,
             every pair of the plan's support is returned.
         n_samples: The number of pairs to draw when a ``generator`` is given.
+        return_weights: Also return the weight of each point, shape :math:`(k,)`, float64,
+            summing to 1 (the plan's mass of its pair; uniform for drawn pairs).
 
     Returns:
         The interpolated points, with shape :math:`(k, D)`, with the dtype and device of ``x0``
-        if it is a floating-point tensor, else with the default dtype.
+        if it is a floating-point tensor, else with the default dtype (and their weights with
+        ``return_weights``).
 
     Raises:
         ValueError: On empty clouds, NaN or infinite coordinates, mismatched dimensions or
@@ -327,14 +332,16 @@ def ot_interpolate(
 
     if generator is None:
         i, j = np.nonzero(plan > 1e-12 * plan.sum())
+        w = plan[i, j] / plan[i, j].sum()
     else:
         k = n if n_samples is None else int(n_samples)
         if k < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
         probs = torch.as_tensor(plan.reshape(-1)).clamp_min(0.0)
-        flat = torch.multinomial(probs, k, replacement=True, generator=generator).numpy()
+        flat = categorical(probs / probs.sum(), k, generator).numpy()
         i, j = np.divmod(flat, m)
+        w = np.full(k, 1.0 / k)
 
-    xs = (1.0 - s) * p0[i] + s * p1[j]
+    xs = torch.as_tensor((1.0 - s) * p0[i] + s * p1[j], dtype=dtype, device=device)
 
-    return torch.as_tensor(xs, dtype=dtype, device=device)
+    return (xs, torch.as_tensor(w, dtype=torch.float64)) if return_weights else xs

@@ -231,3 +231,28 @@ def test_ot_interpolate_keeps_tensor_dtype():
 def test_ot_interpolate_bad_input(x0, x1, s, msg):
     with pytest.raises(ValueError, match=msg):
         ot_interpolate(x0, x1, s)
+
+
+def test_ot_interpolation_of_unequal_clouds_is_exact_and_deterministic_with_its_weights() -> None:
+    from cnf_lib.metrics import ot_interpolate
+
+    rng = np.random.default_rng(0)
+    x0, x1 = rng.normal(size=(7, 2)), rng.normal(size=(4, 2)) + 3.0
+    pts, w = ot_interpolate(x0, x1, 0.0, return_weights=True)
+    assert float(w.sum()) == pytest.approx(1.0)
+    # at s = 0 the weighted support is x0 itself (each point's mass 1/7 split among its partners)
+    assert wasserstein(pts, x0, a=w) == pytest.approx(0.0, abs=1e-6)  # up to the simplex solver rounding
+    pts1, w1 = ot_interpolate(x0, x1, 1.0, return_weights=True)
+    assert wasserstein(pts1, x1, a=w1) == pytest.approx(0.0, abs=1e-6)
+    again, w_again = ot_interpolate(x0, x1, 0.0, return_weights=True)
+    assert torch.equal(again, pts) and torch.equal(w_again, w)
+
+
+def test_drawing_from_a_plan_with_more_than_2_to_the_24_entries_works() -> None:
+    from cnf_lib.checks import categorical
+
+    weights = torch.zeros(2**24 + 10, dtype=torch.float64)
+    weights[-1], weights[3] = 0.75, 0.25
+    draws = categorical(weights, 4000, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {3, 2**24 + 9}
+    assert (draws == 3).double().mean().item() == pytest.approx(0.25, abs=0.03)

@@ -370,8 +370,10 @@ def test_random_baseline_varies_with_the_generator_and_unequal_sizes_work() -> N
     course = TimeCourse(np.arange(4.0), [x0, x0[:15] + 1, x0[:10] + 2, x0 + 3])
     picks = {holdout_baselines(course, 1.0, torch.Generator().manual_seed(s))["random"].shape[0] for s in range(12)}
     assert picks == {20, 10}  # snapshots 0 and 3 have 20 cells, snapshot 2 has 10
-    ot_guess = holdout_baselines(course, 1.0)["OT interpolation"]
-    assert ot_guess.shape == (15, 2)
+    guesses, weights = holdout_baselines(course, 1.0, return_weights=True)
+    # the plan of 20 and 10 cells: its support has between 20 and 20 + 10 - 1 pairs, weighted
+    assert 20 <= guesses["OT interpolation"].shape[0] <= 29
+    assert weights["OT interpolation"].shape == (guesses["OT interpolation"].shape[0],)
     with pytest.raises(ValueError, match="first or last"):
         holdout_baselines(course, 3.0)
 
@@ -469,3 +471,13 @@ def test_fit_trajectories_trains_on_a_grid_but_evaluates_adaptively() -> None:
     assert model.cnf.settings.method == "dopri5" and model.cnf.settings.rtol == 1e-5
     with pytest.raises(ValueError, match="first or last"):
         fit_trajectories(adata, leave_out=0.0, hidden=(8,), iterations=1, progress=False, key_added=None)
+
+
+def test_the_ot_baseline_of_unequal_neighbours_is_deterministic_and_weighted() -> None:
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    course = TimeCourse(np.arange(3.0), [x[:10], x[10:25] + 1.0, x[25:] + 2.0])
+    (g1, w1), (g2, w2) = (holdout_baselines(course, 1.0, torch.Generator().manual_seed(s), return_weights=True)
+                          for s in (0, 1))
+    assert torch.equal(g1["OT interpolation"], g2["OT interpolation"])
+    assert w1["OT interpolation"] is not None and float(w1["OT interpolation"].sum()) == pytest.approx(1.0)
+    assert w1["previous"] is None and torch.equal(w1["OT interpolation"], w2["OT interpolation"])

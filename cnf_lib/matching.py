@@ -1,0 +1,408 @@
+r"""Flow matching: training a CNF's own field by regression, without solving the ODE.
+
+A :class:`~cnf_lib.cnf.CNF` moves the prior :math:`p_0 = \mathcal N(0, I)` at :math:`t = 0` to the
+data at :math:`t = t_1`. Flow matching (Lipman et al., 2023; Liu et al., 2023; Albergo and
+Vanden-Eijnden, 2023) chooses a *probability path* between the two and regresses the field on the
+velocities of that path. With the rescaled time :math:`s = t / t_1 \in [0, 1]`, a prior point
+:math:`x_0 \sim \mathcal N(0, I)` paired with a data point :math:`x_1` moves on the straight line
+
+.. math:: x_t = (1 - s)\, x_0 + s\, x_1 + \sigma \varepsilon, \qquad
+          u_t(x_t \mid x_0, x_1) = \frac{x_1 - x_0}{t_1},
+
+with :math:`\varepsilon \sim \mathcal N(0, I)` (:math:`\sigma \ge 0`, the same at every time: Tong et
+al., 2024's I-CFM and OT-CFM), and the conditional flow-matching loss is
+
+.. math:: \mathcal L(\theta) = \mathbb E_{t \sim U[0, t_1],\, (x_0, x_1),\, \varepsilon}
+          \big\lVert f_\theta(t, x_t) - u_t(x_t \mid x_0, x_1) \big\rVert^2 .
+
+Its minimizer is the *marginal* field :math:`\mathbb E[u_t \mid x_t = x]`, which carries the
+marginal path from the prior to the data, so the regressed field is the CNF's field, used
+unchanged by :meth:`CNF.log_prob <cnf_lib.cnf.CNF.log_prob>`, :meth:`~cnf_lib.cnf.CNF.sample` and
+:meth:`~cnf_lib.cnf.CNF.trajectory` (time runs the same way: prior at 0, data at :math:`t_1`).
+The pairs :math:`(x_0, x_1)` are drawn independently (``pairs="independent"``) or coupled within each
+mini-batch by the exact optimal-transport plan for the squared Euclidean cost (``pairs="ot"``,
+Tong et al., 2024; Pooladian et al., 2023), which straightens the paths.
+
+With :math:`\sigma > 0` the path's ends are smoothed: its marginal is
+:math:`\mathcal N(0, (1 + \sigma^2) I)` at :math:`t = 0` and the data convolved with
+:math:`\mathcal N(0, \sigma^2 I)` at :math:`t_1`, while the CNF's prior stays
+:math:`\mathcal N(0, I)`; keep :math:`\sigma` small (or 0).
+
+:class:`FlowMatching` is an objective for the one :class:`~cnf_lib.train.Trainer`, so flow
+matching gets the trainer's seeding, guards, checkpoints and exact resume. Its loss never calls
+the ODE solver (``nfe_forward = nfe_backward = 0``); its held-out score is the maximum-likelihood
+NLL under ``config.eval_settings`` (an ODE solve with the exact trace by default), so the
+trainer's ``test_nll`` is comparable with a maximum-likelihood run.
+
+References:
+    Lipman et al. (2023). Flow matching for generative modeling. https://arxiv.org/abs/2210.02747
+    Liu et al. (2023). Flow straight and fast: learning to generate and transfer data with
+    rectified flow. https://arxiv.org/abs/2209.03003
+    Albergo and Vanden-Eijnden (2023). Building normalizing flows with stochastic interpolants.
+    https://arxiv.org/abs/2209.15571
+    Tong et al. (2024). Improving and generalizing flow-based generative models with minibatch
+    optimal transport. https://arxiv.org/abs/2302.00482
+    Pooladian et al. (2023). Multisample flow matching: straightening flows with minibatch
+    couplings. https://arxiv.org/abs/2304.14772
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor, nn
+
+from .checks import check_points, randn
+from .fields import ConcatSquashMLP
+from .objectives import MaximumLikelihood, Sampler
+
+if TYPE_CHECKING:  # type hints only
+    from .train import TrainConfig
+
+__all__ = ["PAIRINGS", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
+           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss"]
+
+#: The couplings of prior and data points :class:`FlowMatching` knows.
+PAIRINGS: tuple[str, ...] = ("independent", "ot")
+
+# Largest number of network-simplex iterations for ot.emd (its default, 1e5, can stop short of
+# the optimum on batches of a few hundred points; POT then warns and returns a non-optimal plan).
+_EMD_MAX_ITER = 10_000_000
+
+
+@dataclass
+class MatchingResult:
+    """What one flow-matching loss evaluation reports to the trainer: no solve, so no evaluations.
+
+    Attributes:
+        nfe_forward: ODE function evaluations of the loss (always 0).
+        nfe_backward: evaluations of a backward (adjoint) solve (always 0).
+    """
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+
+
+def _uniform(n: int, generator: torch.Generator | None, dtype: torch.dtype,
+             device: torch.device | str) -> Tensor:
+    """Uniform numbers on [0, 1), drawn on the generator's device and then moved (:mod:`cnf_lib.checks`)."""
+    draw_device = torch.device("cpu") if generator is None else generator.device
+    return torch.rand(n, generator=generator, dtype=dtype, device=draw_device).to(device)
+
+
+def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
+    r"""The exact optimal-transport pairing of two equal-sized batches (squared Euclidean cost).
+
+    Solves :math:`\min_\pi \sum_{ij} \pi_{ij} \lVert x_{0,i} - x_{1,j} \rVert^2` over couplings with
+    uniform marginals by POT's network simplex (:func:`ot.emd`, in float64). For equal sizes an
+    optimal vertex of that polytope is a permutation matrix divided by :math:`n` (Birkhoff), which
+    ``ot.emd`` returns; this function returns that permutation.
+
+    Arguments:
+        x0: prior points, shape (n, D).
+        x1: data points, shape (n, D).
+
+    Returns:
+        ``j``, shape (n,), int64 on ``x1``'s device: ``x0[i]`` is paired with ``x1[j[i]]``.
+
+    Raises:
+        ValueError: if the batches differ in size or dimension, or hold NaN/inf values.
+    """
+    x0 = check_points(x0, "x0")
+    x1 = check_points(x1, "x1", dim=x0.shape[1])
+    n = x0.shape[0]
+    if x1.shape[0] != n:
+        raise ValueError(f"ot_pairing needs batches of equal size, got {n} prior and {x1.shape[0]} data points")
+    a = x0.detach().cpu().double().numpy()
+    b = x1.detach().cpu().double().numpy()
+    cost = ot.dist(a, b, metric="sqeuclidean")
+    weights = np.full(n, 1.0 / n)
+    plan = ot.emd(weights, weights, cost, numItermax=_EMD_MAX_ITER)
+    j = plan.argmax(axis=1)
+    if not np.allclose(plan[np.arange(n), j], 1.0 / n, rtol=1e-6, atol=1e-12):  # pragma: no cover
+        raise RuntimeError("ot.emd returned a plan that is not a permutation (a degenerate vertex)")
+    return torch.as_tensor(j, dtype=torch.int64, device=x1.device)
+
+
+def conditional_path(
+    x0: Tensor, x1: Tensor, t: Tensor, sigma: float = 0.0, noise: Tensor | None = None, t1: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    r"""The point on each pair's path at time ``t`` and the conditional field there.
+
+    .. math:: x_t = (1 - s) x_0 + s x_1 + \sigma \varepsilon, \quad u_t = (x_1 - x_0) / t_1,
+              \quad s = t / t_1 .
+
+    Arguments:
+        x0: prior points (at time 0), shape (n, D).
+        x1: data points (at time ``t1``), shape (n, D).
+        t: times in :math:`[0, t_1]`, shape (n,).
+        sigma: the standard deviation of the Gaussian tube around each line (>= 0).
+        noise: :math:`\varepsilon`, shape (n, D) (needed when ``sigma > 0``).
+        t1: the time of the data.
+
+    Returns:
+        ``(x_t, u_t)``, shapes (n, D) and (n, D).
+    """
+    s = (t / t1).unsqueeze(1)
+    xt = (1 - s) * x0 + s * x1
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("conditional_path needs noise (shape (n, D)) when sigma > 0")
+        xt = xt + sigma * noise
+    return xt, (x1 - x0) / t1
+
+
+def field_at_times(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
+    """Evaluates a field ``f(t, x)`` with one time per point.
+
+    The fields of :mod:`cnf_lib.fields` take one scalar time for the whole batch (an ODE solve
+    needs no more); flow matching needs a time per point. A
+    :class:`~cnf_lib.fields.ConcatSquashMLP` is evaluated in one batched pass with each layer's time
+    gate and shift computed per point (the same function as its ``forward`` at each point's time);
+    any other field through :func:`torch.func.vmap` over the points.
+
+    Arguments:
+        field: the field, called as ``field(t, x)`` with a scalar ``t`` and ``x`` of shape (m, D).
+        t: times, shape (n,).
+        x: points, shape (n, D).
+
+    Returns:
+        ``f(t_i, x_i)`` for each point, shape (n, D).
+    """
+    if isinstance(field, ConcatSquashMLP):
+        tt = t.reshape(-1, 1).to(x)
+        h = x
+        last = len(field.layers) - 1
+        for i, layer in enumerate(field.layers):
+            h = layer.linear(h) * torch.sigmoid(layer.gate(tt)) + layer.shift(tt)
+            if i < last:
+                h = field.act(h)
+        return h
+    return torch.func.vmap(lambda ti, xi: field(ti, xi.unsqueeze(0)).squeeze(0))(t.to(x), x)
+
+
+class FlowMatching:
+    r"""Conditional flow matching of a :class:`~cnf_lib.cnf.CNF`'s field: an objective for the trainer.
+
+    Each iteration draws ``batch_size`` data points :math:`x_1` (as maximum likelihood does: rows of
+    a tensor without replacement, or a sampler's fresh points), as many prior points
+    :math:`x_0 \sim \mathcal N(0, I)`, times :math:`t \sim U[0, t_1]` and, with ``sigma > 0``,
+    noise :math:`\varepsilon`, all from the trainer's generator (in that order; drawn on its
+    device, then moved). With ``pairs="ot"`` the prior points are reordered by
+    :func:`ot_pairing`. The loss is the batch mean of
+    :math:`\lVert f_\theta(t, x_t) - u_t \rVert^2` (summed over the D coordinates) of
+    :func:`conditional_path`: one evaluation of the field, no ODE solve.
+
+    Records: ``nll`` is NaN (no likelihood is computed during training; the flow-matching loss is
+    the history's ``loss``), ``nfe_forward`` is 0, and the result's ``nfe_backward`` is 0. The
+    held-out score (:meth:`evaluate`) is the NLL by an ODE solve with ``config.eval_settings``,
+    exactly as :class:`~cnf_lib.objectives.MaximumLikelihood` computes it.
+
+    The trainer's ``kinetic``, ``frobenius`` must be 0 (flow matching has no such terms: pass
+    ``kinetic=0``), and its ``train_settings`` are not used (there is no training solve).
+
+    Arguments:
+        pairs: ``"independent"`` or ``"ot"`` (exact mini-batch optimal transport, POT's ``ot.emd``).
+        sigma: the standard deviation of the tube around each straight path, >= 0.
+
+    Example:
+        >>> model = CNF(2, hidden=(64, 64, 64))
+        >>> fm = FlowMatching(pairs="ot", sigma=0.0)
+        >>> trainer = Trainer(model, toy.sample, test, objective=fm, kinetic=0.0, iterations=2000)
+        >>> history = trainer.fit()          # history["test_nll"]: exact-trace NLL, as for MLE
+        >>> samples = model.sample(1000)     # the same CNF, unchanged
+    """
+
+    records: tuple[str, ...] = ()
+
+    def __init__(self, pairs: str = "independent", sigma: float = 0.0) -> None:
+        if pairs not in PAIRINGS:
+            raise ValueError(f"unknown pairs {pairs!r}; expected one of {PAIRINGS}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        self.pairs = pairs
+        self.sigma = float(sigma)
+        self._likelihood = MaximumLikelihood()
+
+    def config(self) -> dict[str, Any]:
+        """The objective's settings as plain values (``pairs``, ``sigma``)."""
+        return dict(pairs=self.pairs, sigma=self.sigma)
+
+    def __repr__(self) -> str:
+        return f"FlowMatching(pairs={self.pairs!r}, sigma={self.sigma})"
+
+    @staticmethod
+    def _check_model(model: nn.Module) -> None:
+        if not (hasattr(model, "field") and hasattr(model, "t1") and hasattr(model, "dim")):
+            raise ValueError("FlowMatching trains a CNF (a model with .field, .dim and .t1), "
+                             f"got {type(model).__name__}")
+        if not model.t1 > 0:
+            raise ValueError(f"FlowMatching needs the data at a time t1 > 0, got t1={model.t1}")
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
+        """Validates training data (points (n, D) or a sampler) or held-out points (n, D)."""
+        self._check_model(model)
+        return self._likelihood.check_data(model, data, name)
+
+    def batch(self, data: Tensor | Sampler, batch_size: int, generator: torch.Generator) -> Tensor:
+        """``batch_size`` data points: rows without replacement, or fresh draws of a sampler."""
+        return self._likelihood.batch(data, batch_size, generator)
+
+    def pair(self, x1: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Prior points for a batch of data points, coupled as ``pairs`` says.
+
+        Arguments:
+            x1: data points, shape (n, D).
+            generator: draws the prior points (on its device, then moved to ``x1``'s).
+
+        Returns:
+            ``(x0, x1)``, each shape (n, D): ``x0[i]`` is the prior point paired with ``x1[i]``.
+        """
+        x0 = randn(tuple(x1.shape), generator, x1.dtype, x1.device)
+        if self.pairs == "ot":
+            j = ot_pairing(x0, x1)
+            x0 = x0[torch.argsort(j)]  # x0 reordered so that row i goes with x1[i]
+        return x0, x1
+
+    def regression_targets(self, x1: Tensor, generator: torch.Generator | None,
+                           t1: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The regression problem of one batch: times, points on the paths and target velocities.
+
+        Arguments:
+            x1: data points, shape (n, D).
+            generator: draws the prior points, then the times, then (``sigma > 0``) the noise.
+            t1: the time of the data.
+
+        Returns:
+            ``(t, x_t, u_t)``, shapes (n,), (n, D), (n, D).
+        """
+        x0, x1 = self.pair(x1, generator)
+        t = t1 * _uniform(x1.shape[0], generator, x1.dtype, x1.device)
+        noise = randn(tuple(x1.shape), generator, x1.dtype, x1.device) if self.sigma > 0 else None
+        xt, ut = conditional_path(x0, x1, t, self.sigma, noise, t1)
+        return t, xt, ut
+
+    def loss(self, model: nn.Module, batch: Tensor, config: TrainConfig,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float], MatchingResult]:
+        """The flow-matching loss of a batch (no ODE solve), its records and a :class:`MatchingResult`.
+
+        Raises:
+            ValueError: if ``config.kinetic`` or ``config.frobenius`` is not 0.
+        """
+        if config.kinetic != 0 or config.frobenius != 0:
+            raise ValueError(
+                f"FlowMatching has no kinetic or Frobenius term (got kinetic={config.kinetic}, "
+                f"frobenius={config.frobenius}); pass kinetic=0 and frobenius=0 to the Trainer"
+            )
+        param = next(model.parameters())
+        x1 = check_points(batch, "sampled batch", dim=model.dim, dtype=param.dtype).to(param.device)
+        t, xt, ut = self.regression_targets(x1, generator, model.t1)
+        loss = (field_at_times(model.field, t, xt) - ut).pow(2).sum(1).mean()
+        return loss, dict(nll=math.nan, nfe_forward=0), MatchingResult()
+
+    def evaluate(self, model: nn.Module, data: Tensor, config: TrainConfig,
+                 generator: torch.Generator) -> tuple[float, int]:
+        """``(held-out NLL, NFE)`` by maximum likelihood with ``config.eval_settings`` (an ODE solve)."""
+        return self._likelihood.evaluate(model, data, config, generator)
+
+
+# -- closed forms for a Gaussian target (tests and the chapter's exercise) ------------------------
+
+def _symmetric_eig(cov: Tensor) -> tuple[Tensor, Tensor]:
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"cov must be a square matrix, got shape {tuple(cov.shape)}")
+    if not torch.allclose(cov, cov.T):
+        raise ValueError("cov must be symmetric")
+    lam, q = torch.linalg.eigh(cov)
+    if (lam <= 0).any():
+        raise ValueError(f"cov must be positive definite, got eigenvalues {lam.tolist()}")
+    return lam, q
+
+
+def gaussian_marginal_field(mean: Tensor, cov: Tensor, t1: float = 1.0) -> nn.Module:
+    r"""The marginal field of independent-pair flow matching (``sigma = 0``) from
+    :math:`\mathcal N(0, I)` to :math:`\mathcal N(m, \Sigma)`, as a module ``f(t, x)``.
+
+    With :math:`s = t/t_1`, :math:`x_t = (1-s) x_0 + s x_1` is Gaussian with mean :math:`s m` and
+    covariance :math:`C_s = (1-s)^2 I + s^2 \Sigma`, and :math:`u = (x_1 - x_0)/t_1` is jointly
+    Gaussian with it, so
+
+    .. math:: f(t, x) = \mathbb E[u \mid x_t = x]
+              = \frac{1}{t_1}\Big(m + \big(s\Sigma - (1-s) I\big) C_s^{-1} (x - s m)\Big).
+
+    It is the minimizer of the flow-matching loss, and its flow carries :math:`\mathcal N(0, I)` at
+    :math:`t = 0` to :math:`\mathcal N(m, \Sigma)` at :math:`t_1`.
+
+    Arguments:
+        mean: :math:`m`, shape (D,).
+        cov: :math:`\Sigma`, shape (D, D), symmetric positive definite.
+        t1: the time of the data.
+
+    Returns:
+        A module (no parameters) mapping ``(t, x)`` (scalar, (n, D)) to (n, D), in ``x``'s dtype.
+    """
+    lam, q = _symmetric_eig(cov)
+    mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+    if mean.shape[0] != lam.shape[0]:
+        raise ValueError(f"mean has {mean.shape[0]} entries, cov is {lam.shape[0]} x {lam.shape[0]}")
+    return _GaussianMarginalField(mean, lam, q, float(t1))
+
+
+class _GaussianMarginalField(nn.Module):
+    """See :func:`gaussian_marginal_field`; in the eigenbasis of Σ the field is diagonal."""
+
+    def __init__(self, mean: Tensor, lam: Tensor, q: Tensor, t1: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("lam", lam)
+        self.register_buffer("q", q)
+        self.t1 = t1
+
+    def _gain(self, s: Tensor) -> Tensor:
+        """Diagonal of (sΣ - (1-s)I) C_s^{-1} in the eigenbasis, shape (..., D)."""
+        return (s * self.lam - (1 - s)) / ((1 - s) ** 2 + s**2 * self.lam)
+
+    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        s = torch.as_tensor(t, dtype=torch.float64, device=x.device) / self.t1
+        if s.ndim > 0:  # one time per point (vmap or a column)
+            s = s.reshape(-1, 1)
+        y = (x.double() - s * self.mean) @ self.q  # eigen-coordinates
+        out = self.mean + (self._gain(s) * y) @ self.q.T
+        return (out / self.t1).to(x.dtype)
+
+    def divergence(self, t: Tensor | float, x: Tensor, frobenius: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(f, tr ∂f/∂x, ‖∂f/∂x‖²_F)``, shapes (n, D), (n,), (n,) (the Jacobian is constant in x)."""
+        s = torch.as_tensor(t, dtype=torch.float64) / self.t1
+        gain = self._gain(s) / self.t1
+        n = x.shape[0]
+        div = gain.sum().to(x.dtype).expand(n)
+        frob = gain.pow(2).sum().to(x.dtype).expand(n) if frobenius else None
+        return self.forward(t, x), div, frob
+
+
+def gaussian_minimum_loss(cov: Tensor, t1: float = 1.0) -> float:
+    r"""The minimum of the independent-pair flow-matching loss (``sigma = 0``) from
+    :math:`\mathcal N(0, I)` to :math:`\mathcal N(m, \Sigma)`.
+
+    The residual variance of :math:`u` given :math:`x_t` at :math:`s = t/t_1` is
+    :math:`\sum_i \lambda_i / \big((1-s)^2 + s^2 \lambda_i\big) / t_1^2` (:math:`\lambda_i` the
+    eigenvalues of :math:`\Sigma`); averaged over :math:`s \sim U[0, 1]` it is
+
+    .. math:: \mathcal L^\ast = \frac{\pi}{2 t_1^2} \sum_i \sqrt{\lambda_i}
+              = \frac{\pi}{2 t_1^2} \operatorname{tr} \Sigma^{1/2},
+
+    whatever the mean :math:`m`. It is the loss of :func:`gaussian_marginal_field`.
+
+    Arguments:
+        cov: :math:`\Sigma`, shape (D, D), symmetric positive definite.
+        t1: the time of the data.
+    """
+    lam, _ = _symmetric_eig(cov)
+    return float(math.pi / 2 * lam.sqrt().sum() / t1**2)
+
