@@ -24,7 +24,8 @@ from torch import nn
 
 from .train import config_differences
 
-__all__ = ["save_model", "load_model", "MODEL_FORMAT", "MODEL_VERSION"]
+__all__ = ["save_model", "load_model", "model_to_uns", "model_from_uns", "plain_config", "MODEL_FORMAT",
+           "MODEL_VERSION"]
 
 MODEL_FORMAT = "cnf_lib.model"
 MODEL_VERSION = 1
@@ -109,6 +110,49 @@ def load_model(path: str | os.PathLike, model: Any = None, device: str | torch.d
     if hasattr(model, "save_state"):
         raise ValueError("load a CellDensity with load_model(path) (it is rebuilt whole)")
     return _into(model, saved, path, device)
+
+
+def plain_config(value: Any) -> Any:
+    """Config values HDF5 can store: None dropped, tuples as lists, nested dictionaries kept."""
+    if isinstance(value, dict):
+        return {k: plain_config(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _python(value: Any) -> Any:
+    """Values read back from .h5ad as Python values (NumPy scalars and arrays to numbers and lists)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: _python(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def model_to_uns(model: Any) -> dict[str, Any]:
+    """A :class:`~cnf_lib.cnf.CNF` or :class:`~cnf_lib.timecourse.TrajectoryCNF` as plain values
+    and NumPy arrays for ``adata.uns`` (it survives ``write_h5ad``/``read_h5ad``): the same
+    content as :func:`save_model`'s file. :func:`model_from_uns` rebuilds it."""
+    kind = type(model).__name__
+    if kind not in ("CNF", "TrajectoryCNF"):
+        raise ValueError(f"model_to_uns stores a CNF or a TrajectoryCNF, not a {kind}")
+    config, tensors = _state(model)
+    return dict(format=MODEL_FORMAT, version=MODEL_VERSION, kind=kind, config=plain_config(config),
+                tensors={k: v.numpy() for k, v in tensors.items()})
+
+
+def model_from_uns(uns: Any, device: str | torch.device = "cpu") -> Any:
+    """Rebuild a model stored by :func:`model_to_uns` (also after an .h5ad round trip), in
+    evaluation mode on ``device``."""
+    if not hasattr(uns, "get") or uns.get("format") != MODEL_FORMAT:
+        raise ValueError("not a model stored by cnf_lib.saving.model_to_uns (its 'format' entry is missing)")
+    if int(uns.get("version", -1)) != MODEL_VERSION:
+        raise ValueError(f"stored model format version {uns.get('version')}; this cnf_lib reads {MODEL_VERSION}")
+    cls = _kinds()[str(uns["kind"])]
+    model = cls.from_config(_python(uns["config"]))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in uns["tensors"].items()})
+    return model.to(device).eval()
 
 
 def _into(model: nn.Module, saved: dict[str, Any], path: Path, device: str | torch.device) -> nn.Module:

@@ -60,6 +60,8 @@ __all__ = [
     "SnapshotLikelihood",
     "fit_timecourse",
     "fit_trajectories",
+    "get_trajectories",
+    "predict_cells",
     "TRAJECTORY_EVAL_SETTINGS",
 ]
 
@@ -550,7 +552,7 @@ def fit_trajectories(
     adata: AnnData,
     time_key: str = "time",
     use_rep: str = "X_pca",
-    n_comps: int | None = None,
+    n_comps: int | None = 5,
     *,
     leave_out: float | None = None,
     hidden: Sequence[int] = (64, 64),
@@ -571,15 +573,18 @@ def fit_trajectories(
     Arguments:
         adata: the cells, with times in ``adata.obs[time_key]`` and coordinates in
             ``adata.obsm[use_rep]``.
-        time_key, use_rep, n_comps: see :meth:`TimeCourse.from_anndata`.
+        time_key, use_rep, n_comps: see :meth:`TimeCourse.from_anndata` (``n_comps`` as in
+            :func:`cnf_lib.singlecell.fit_density`: the first 5 columns by default).
         leave_out: an intermediate time point to hold out of training.
         hidden, kinetic, iterations, batch_size, lr, lr_final, seed: the model and its training
             (``seed`` also seeds the initialization).
         train_settings: solver settings of the training solves; default RK4 on a fixed grid of
             step 1 (one step per snapshot interval), a training device only.
         device: where the model trains and is returned (``"cuda"`` for a GPU).
-        key_added: where a summary (times, settings, loss history) goes in ``adata.uns``
-            (``None``: nowhere). Save the model itself with :func:`cnf_lib.saving.save_model`.
+        key_added: where the fitted model (weights and every setting), the fit's arguments and
+            its loss history go in ``adata.uns`` (``None``: nowhere); :func:`get_trajectories`
+            rebuilds the model, :func:`predict_cells` uses it, and both survive an ``.h5ad``
+            round trip.
         progress: show a progress bar.
         **settings: how the fitted model evaluates (``log_prob``, ``push``, ``sample``...):
             :class:`~cnf_lib.cnf.SolverSettings` fields over :data:`TRAJECTORY_EVAL_SETTINGS`
@@ -587,7 +592,21 @@ def fit_trajectories(
 
     Returns:
         The trained model, on ``device``; ``model.history`` is its training history.
+
+    Raises:
+        ValueError: a bad representation or time column (:meth:`TimeCourse.from_anndata`), an
+            end point as ``leave_out``, or an unknown argument (named, with the valid ones).
     """
+    from .cnf import SolverSettings
+
+    known = set(SolverSettings.__dataclass_fields__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown} of fit_trajectories; its training arguments are leave_out, hidden, "
+            "kinetic, iterations, batch_size, lr, lr_final, seed, train_settings, device, key_added, progress, "
+            f"and the solver settings of the fitted model are {sorted(known)}"
+        )
     course = TimeCourse.from_anndata(adata, time_key, use_rep, n_comps)
     torch.manual_seed(seed)
     model = TrajectoryCNF.for_course(course, leave_out=leave_out, hidden=hidden,
@@ -597,13 +616,85 @@ def fit_trajectories(
                                    batch_size=batch_size, lr=lr, lr_final=lr_final, kinetic=kinetic,
                                    seed=seed, train_settings=grid, progress=progress)
     if key_added is not None:
+        from .saving import model_to_uns, plain_config
+
         adata.uns[key_added] = dict(
-            params=dict(time_key=time_key, use_rep=use_rep, n_comps=course.dim, hidden=list(hidden),
-                        kinetic=kinetic, iterations=iterations, batch_size=batch_size, seed=seed,
-                        leave_out=np.nan if leave_out is None else float(leave_out)),
+            params=plain_config(dict(time_key=time_key, use_rep=use_rep, n_comps=course.dim, hidden=list(hidden),
+                               kinetic=kinetic, iterations=iterations, batch_size=batch_size, lr=lr,
+                               lr_final=lr_final, seed=seed, train_settings=grid,
+                               leave_out=np.nan if leave_out is None else float(leave_out))),
+            model=model_to_uns(model),
             times=np.asarray(model.times),
             model_times=np.asarray([model.model_time(t) for t in model.times]),
             loss=np.asarray(model.history["loss"]),
             nfe_forward=np.asarray(model.history["nfe_forward"]),
         )
     return model
+
+
+def get_trajectories(adata: AnnData, key: str = "trajectory_cnf", device: str | torch.device = "cpu") -> TrajectoryCNF:
+    """Rebuild the :class:`TrajectoryCNF` that :func:`fit_trajectories` stored in ``adata.uns[key]``.
+
+    Raises:
+        ValueError: no such key (the message lists the ``uns`` keys), or no model stored there.
+    """
+    from .saving import model_from_uns
+
+    if key not in adata.uns:
+        raise ValueError(f"adata.uns has no {key!r}: fit first (fit_trajectories(adata, key_added={key!r})); "
+                         f"adata.uns has: {list(adata.uns.keys())}")
+    if "model" not in adata.uns[key]:
+        raise ValueError(f"adata.uns[{key!r}] holds no model (it was written by an older cnf_lib): fit again")
+    return model_from_uns(adata.uns[key]["model"], device=device)
+
+
+def predict_cells(
+    adata: AnnData,
+    t_from: float,
+    t_to: float,
+    key: str = "trajectory_cnf",
+    **overrides: Any,
+) -> AnnData:
+    """Carry the cells observed at ``t_from`` along the fitted flow to ``t_to``, as a new AnnData.
+
+    The representation and time column are those :func:`fit_trajectories` recorded in
+    ``adata.uns[key]``; the predicted cells are in the same representation (``obsm[use_rep]``,
+    its first ``n_comps`` columns), with ``obs["source"]`` the cell each one came from and
+    ``obs[time_key] = t_to``. The solve is the model's own (adaptive unless ``overrides`` say
+    otherwise).
+
+    Arguments:
+        adata: the time course the model was fitted to (or new cells in the same representation).
+        t_from: a time point of ``adata.obs[time_key]``.
+        t_to: any time within the course's first and last time points (either direction).
+        key: where the model was stored.
+        **overrides: solver settings for this solve.
+
+    Returns:
+        An AnnData with one row per cell of ``t_from`` and no variables.
+
+    Raises:
+        ValueError: ``t_to`` outside the course (the model was never fitted there), or ``t_from``
+            with no cells.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    model = get_trajectories(adata, key)
+    params = adata.uns[key]["params"]
+    time_key, use_rep, n_comps = str(params["time_key"]), str(params["use_rep"]), int(params["n_comps"])
+    lo, hi = model.times[0], model.times[-1]
+    if not lo <= float(t_to) <= hi:
+        raise ValueError(f"t_to={t_to} is outside the course [{lo}, {hi}]: the model was not fitted there")
+    times = _numeric_times(adata.obs[time_key], time_key)
+    rows = np.flatnonzero(np.isclose(times, float(t_from)))
+    if len(rows) == 0:
+        raise ValueError(f"no cells at t_from={t_from} in adata.obs[{time_key!r}]; times: {np.unique(times).tolist()}")
+    x = get_representation(adata[rows], use_rep, n_comps).astype(np.float32)
+    with torch.no_grad():
+        moved = model.push(torch.from_numpy(x), float(t_from), float(t_to), **overrides)
+    obs = pd.DataFrame({"source": np.asarray(adata.obs_names[rows]), time_key: float(t_to)},
+                       index=[f"{name}->{float(t_to):g}" for name in adata.obs_names[rows]])
+    out = ad.AnnData(X=np.zeros((len(rows), 0), dtype=np.float32), obs=obs)
+    out.obsm[use_rep] = moved.detach().cpu().numpy()
+    return out

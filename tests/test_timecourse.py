@@ -322,7 +322,7 @@ def test_fit_trajectories_scanpy_style() -> None:
     course = translated_course(n=20)
     x = torch.cat(course.snapshots).numpy()
     adata = cells_adata(x, np.repeat(course.times, 20), key="day")
-    model = fit_trajectories(adata, time_key="day", hidden=(8,), iterations=3, batch_size=8,
+    model = fit_trajectories(adata, time_key="day", n_comps=2, hidden=(8,), iterations=3, batch_size=8,
                              progress=False, key_added="traj")
     assert isinstance(model, TrajectoryCNF) and len(model.history["loss"]) == 3
     info = adata.uns["traj"]
@@ -340,7 +340,7 @@ def test_fit_trajectories_leave_out_sees_nothing_of_the_held_out_cells() -> None
     moved = x.copy()
     moved[times == 2.0] += 7.0
     b = cells_adata(moved, times)
-    kw = dict(leave_out=2.0, hidden=(8,), iterations=4, batch_size=8, method="rk4", step_size=1.0,
+    kw = dict(n_comps=2, leave_out=2.0, hidden=(8,), iterations=4, batch_size=8,
               progress=False, key_added=None)
     ma, mb = fit_trajectories(a, **kw), fit_trajectories(b, **kw)
     assert ma.history["loss"] == mb.history["loss"]
@@ -465,12 +465,12 @@ def test_the_time_course_fit_trains_with_hutchinson_and_resumes_exactly(tmp_path
 def test_fit_trajectories_trains_on_a_grid_but_evaluates_adaptively() -> None:
     course = translated_course(n=20)
     adata = cells_adata(torch.cat(course.snapshots).numpy(), np.repeat(course.times, 20))
-    model = fit_trajectories(adata, hidden=(8,), iterations=2, batch_size=8, progress=False, key_added=None)
+    model = fit_trajectories(adata, n_comps=2, hidden=(8,), iterations=2, batch_size=8, progress=False, key_added=None)
     # RK4 with step 1: three unit segments (the prior gap and two intervals), 4 evaluations each
     assert model.history["nfe_forward"] == [12, 12]
     assert model.cnf.settings.method == "dopri5" and model.cnf.settings.rtol == 1e-5
     with pytest.raises(ValueError, match="first or last"):
-        fit_trajectories(adata, leave_out=0.0, hidden=(8,), iterations=1, progress=False, key_added=None)
+        fit_trajectories(adata, n_comps=2, leave_out=0.0, hidden=(8,), iterations=1, progress=False, key_added=None)
 
 
 def test_the_ot_baseline_of_unequal_neighbours_is_deterministic_and_weighted() -> None:
@@ -481,3 +481,24 @@ def test_the_ot_baseline_of_unequal_neighbours_is_deterministic_and_weighted() -
     assert torch.equal(g1["OT interpolation"], g2["OT interpolation"])
     assert w1["OT interpolation"] is not None and float(w1["OT interpolation"].sum()) == pytest.approx(1.0)
     assert w1["previous"] is None and torch.equal(w1["OT interpolation"], w2["OT interpolation"])
+
+
+def test_a_fitted_trajectory_model_survives_h5ad_and_predicts_cells_as_anndata(tmp_path) -> None:
+    from cnf_lib.timecourse import get_trajectories, predict_cells
+
+    course = translated_course(n=20)
+    adata = cells_adata(torch.cat(course.snapshots).numpy(), np.repeat(course.times, 20))
+    model = fit_trajectories(adata, n_comps=2, hidden=(8,), iterations=2, batch_size=8, progress=False)
+    adata.write_h5ad(tmp_path / "course.h5ad")
+    back = ad.read_h5ad(tmp_path / "course.h5ad")
+    loaded = get_trajectories(back)
+    x = course.snapshots[0]
+    assert torch.equal(loaded.push(x, 0.0, 2.0), model.push(x, 0.0, 2.0))
+    predicted = predict_cells(back, 0.0, 1.5)
+    assert predicted.n_obs == 20 and predicted.obsm["X_pca"].shape == (20, 2)
+    np.testing.assert_allclose(predicted.obsm["X_pca"], model.push(x, 0.0, 1.5).detach().numpy(), rtol=1e-6)
+    assert (predicted.obs["time"] == 1.5).all() and predicted.obs["source"].iloc[0] == adata.obs_names[0]
+    with pytest.raises(ValueError, match="outside the course"):
+        predict_cells(back, 0.0, 5.0)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['iteration'\] of fit_trajectories"):
+        fit_trajectories(adata, n_comps=2, iteration=3)
