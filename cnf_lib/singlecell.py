@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -623,6 +624,12 @@ def fit_density(
     if trainer.best is not None:  # the parameters of the best validation NLL
         model.load_state_dict(trainer.best["state"])
         best_it = trainer.best["iteration"]
+        if best_it == trainer.iteration and len(trainer.history["test_nll"]) > 1:
+            warnings.warn(
+                f"fit_density: the best validation NLL was at the last iteration ({best_it}): the model may be "
+                f"undertrained. Try more iterations (iterations={2 * iterations}) and patience to stop early.",
+                UserWarning, stacklevel=2,
+            )
 
     h = trainer.history
     kept = ("iteration", "loss", "nfe_forward", "time", "lr", "eval_iteration", "eval_nfe")

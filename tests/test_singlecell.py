@@ -367,3 +367,10 @@ def test_split_cells() -> None:
     with pytest.raises(ValueError, match="test_fraction"):
         split_cells(adata, 1.0)
     assert math.isfinite(train.obsm["X_pca"].sum())
+
+
+def test_fit_density_warns_when_the_best_validation_point_is_the_last() -> None:
+    adata = make_adata()
+    with pytest.warns(UserWarning, match="undertrained"):
+        fit_density(adata, "X_pca", n_comps=2, seed=0, hidden=(16, 16), iterations=20, eval_every=10,
+                    lr=1e-3, lr_final=1e-3, progress=False)
