@@ -106,3 +106,18 @@ def test_cuda_single_cell_and_time_course_entry_points() -> None:
     pushed = model.push(x.cuda(), 0.0, 1.0)
     assert pushed.device.type == "cuda"
     assert path_error(pushed[None], x[None]) >= 0
+
+
+def test_draws_for_tensors_on_another_device_still_happen_on_the_generators(draws) -> None:
+    # "meta" tensors stand in for a GPU: a draw made on the tensors' device with a CPU generator
+    # (the bug this rule prevents) would be recorded as ("cpu", "meta")
+    from cnf_lib.objectives import MaximumLikelihood
+    from cnf_lib.timecourse import SnapshotLikelihood
+
+    g = torch.Generator().manual_seed(0)
+    like = torch.empty(6, 3, device="meta")
+    assert sample_probe(like, "rademacher", g).device.type == "meta"
+    assert sample_probe(like, "gaussian", g).device.type == "meta"
+    assert MaximumLikelihood().batch(like, 4, g).shape == (4, 3)
+    assert SnapshotLikelihood().batch([like, None, like], 4, g)[0].device.type == "meta"
+    assert len(draws) == 5 and all(gen == dev == torch.device("cpu") for gen, dev in draws), draws  # 2 + 1 + 2
