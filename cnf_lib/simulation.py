@@ -29,8 +29,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # for type hints only (the functions that build AnnData objects import it)
     from anndata import AnnData
 
-__all__ = ["SIMULATION_KEY", "PREPROCESS_KEY", "simulate_differentiation", "preprocess", "true_paths",
-           "project_counts"]
+__all__ = ["SIMULATION_KEY", "PREPROCESS_KEY", "simulate_differentiation", "preprocess", "preprocess_holding_out",
+           "true_paths", "project_counts"]
 
 #: ``adata.uns`` key of :func:`simulate_differentiation`'s ground truth (latent paths, gene map).
 SIMULATION_KEY = "simulation"
@@ -232,6 +232,52 @@ def preprocess(adata: AnnData, n_comps: int = 10, target_sum: float = 1e4) -> An
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     adata.uns[PREPROCESS_KEY] = dict(target_sum=float(target_sum), pca_mean=x.mean(axis=0).astype(np.float64))
     return adata
+
+
+def preprocess_holding_out(
+    adata: AnnData, leave_out: float, time_key: str = "time", n_comps: int = 10, target_sum: float = 1e4
+) -> AnnData:
+    """A new AnnData processed as :func:`preprocess` does, with the PCA fitted **without** one time
+    point: its cells are normalized the same way (a per-cell operation) and projected on the
+    loadings of the other cells, as a new experiment would be (:func:`project_counts`). The
+    honest protocol for holding a time point out: nothing of it reaches the representation.
+
+    Arguments:
+        adata: cells × genes, raw counts in ``layers["counts"]`` (as :func:`preprocess` keeps them)
+            or in ``X``; its ``uns`` (the simulation's record) is carried over.
+        leave_out: the held-out value of ``adata.obs[time_key]``.
+        time_key: the time column.
+        n_comps, target_sum: as in :func:`preprocess`.
+
+    Returns:
+        The processed copy: ``obsm["X_pca"]`` for every cell, ``varm["PCs"]`` and
+        ``uns["timecourse_preprocess"]`` from the cells of the other time points.
+
+    Raises:
+        ValueError: no cell has time ``leave_out``.
+    """
+    import anndata as ad
+
+    times = np.asarray(adata.obs[time_key], dtype=np.float64)
+    held = np.isclose(times, float(leave_out))
+    if not held.any():
+        raise ValueError(f"no cell has {time_key} = {leave_out}; times: {np.unique(times).tolist()}")
+    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    fitted = ad.AnnData(X=counts[~held].copy(), obs=adata.obs[~held].copy(), var=adata.var.copy())
+    preprocess(fitted, n_comps=n_comps, target_sum=target_sum)
+    dense = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
+    fitted_keys = (PREPROCESS_KEY, "pca", "log1p")  # what the processing of all cells wrote
+    uns = {k: v for k, v in adata.uns.items() if k not in fitted_keys}
+    uns.update({k: fitted.uns[k] for k in fitted_keys if k in fitted.uns})
+    out = ad.AnnData(X=dense.astype(np.float32), obs=adata.obs.copy(), var=adata.var.copy(), uns=uns)
+    out.layers["counts"] = out.X.copy()
+    out.X = np.log1p(float(target_sum) * dense / dense.sum(axis=1, keepdims=True)).astype(np.float32)
+    x_pca = np.empty((out.n_obs, fitted.obsm["X_pca"].shape[1]), dtype=np.float32)
+    x_pca[~held] = fitted.obsm["X_pca"]
+    x_pca[held] = project_counts(out[held], fitted)
+    out.obsm["X_pca"] = x_pca
+    out.varm["PCs"] = fitted.varm["PCs"]
+    return out
 
 
 def true_paths(

@@ -502,3 +502,20 @@ def test_a_fitted_trajectory_model_survives_h5ad_and_predicts_cells_as_anndata(t
         predict_cells(back, 0.0, 5.0)
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['iteration'\] of fit_trajectories"):
         fit_trajectories(adata, n_comps=2, iteration=3)
+
+
+def test_preprocessing_holding_a_day_out_never_sees_its_cells() -> None:
+    from cnf_lib.simulation import preprocess_holding_out
+
+    adata = simulate_differentiation(n_cells=40, n_genes=30, seed=2)
+    a = preprocess_holding_out(adata, 2.0, n_comps=4)
+    changed = adata.copy()
+    held = changed.obs["time"].to_numpy() == 2.0
+    changed.layers["counts"][held] = changed.layers["counts"][held][::-1] * 3  # other counts at the held-out day
+    b = preprocess_holding_out(changed, 2.0, n_comps=4)
+    np.testing.assert_array_equal(a.obsm["X_pca"][~held], b.obsm["X_pca"][~held])
+    assert not np.allclose(a.obsm["X_pca"][held], b.obsm["X_pca"][held])
+    # the held-out cells are placed as a new experiment would be
+    np.testing.assert_allclose(a.obsm["X_pca"][held], project_counts(adata[held], a, n_comps=4), rtol=1e-5)
+    with pytest.raises(ValueError, match="no cell has time"):
+        preprocess_holding_out(adata, 7.0)
