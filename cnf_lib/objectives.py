@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +35,20 @@ __all__ = ["Objective", "MaximumLikelihood", "Sampler"]
 
 #: A sampler of fresh training points: ``(n, generator) -> (n, D)`` (the 2-D toys' ``sample``).
 Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+def _warn_if_far_from_unit_scale(x: Tensor) -> None:
+    """The recipes (and the N(0, I) prior) expect roughly standardized data; say so when it is not."""
+    std = x.detach().double().std(0)
+    mean = x.detach().double().mean(0)
+    if (std < 0.2).any() or (std > 5).any() or (mean.abs() > 5 * std.clamp_min(1e-12)).any():
+        warnings.warn(
+            f"train_data is far from unit scale (column means {mean.min().item():.3g} to {mean.max().item():.3g}, "
+            f"standard deviations {std.min().item():.3g} to {std.max().item():.3g}); the prior is N(0, I) and the "
+            "recipes are tuned for standardized data. Standardize it: s = cnf_lib.datasets.Standardizer.fit(x); "
+            "train on s.transform(x) and add s.log_abs_det() to every log-likelihood of x (fit_density does both).",
+            UserWarning, stacklevel=4,
+        )
 
 
 class Objective(Protocol):
@@ -73,11 +88,15 @@ class MaximumLikelihood:
     records: tuple[str, ...] = ()
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
+        """Points (n, D) (a warning when training data is far from unit scale), or a sampler."""
         if callable(data) and not isinstance(data, Tensor):
             if name != "train_data":
                 raise ValueError(f"{name} must be points of shape (n, D), not a sampler")
             return data
-        return check_points(data, name, dim=model.dim)
+        points = check_points(data, name, dim=model.dim)
+        if name == "train_data" and points.shape[0] > 1:
+            _warn_if_far_from_unit_scale(points)
+        return points
 
     def batch(self, data: Tensor | Sampler, batch_size: int, generator: torch.Generator) -> Tensor:
         if not isinstance(data, Tensor):

@@ -421,3 +421,8 @@ def test_keep_best_and_patience_stop_early_and_resume_exactly(tmp_path: Path) ->
         assert torch.equal(resumed.best["state"][k], v)
     with pytest.raises(ValueError, match="keep_best"):
         make_trainer(patience=2)
+
+
+def test_data_far_from_unit_scale_gets_a_warning_that_says_what_to_do() -> None:
+    with pytest.warns(UserWarning, match="Standardizer"):
+        Trainer(small_model(), gaussian_data(64, 0) * 100 + 1000, progress=False)
