@@ -60,7 +60,7 @@ def holdout_baselines(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     prev, nxt = course.snapshots[k - 1], course.snapshots[k + 1]
     others = [j for j in range(len(course.times)) if j != k]
-    pick = others[int(torch.randint(len(others), (1,), generator=generator))]
+    pick = others[int(torch.randint(len(others), (1,), generator=generator, device=generator.device))]
     s = (course.times[k] - course.times[k - 1]) / (course.times[k + 1] - course.times[k - 1])
     ot_points, ot_weights = ot_interpolate(prev, nxt, s, return_weights=True)
     guesses = {"previous": prev.clone(), "next": nxt.clone(), "random": course.snapshots[pick].clone(),

@@ -67,6 +67,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from .checks import randn
 from .cnf import CNF
 from .datasets import Standardizer
 from .train import TrainConfig, Trainer
@@ -391,7 +392,7 @@ class CellDensity:
             raise ValueError(f"the number of cells must be a positive integer; got {n!r}")
         settings = {"rtol": EVAL_SETTINGS["rtol"], "atol": EVAL_SETTINGS["atol"], **overrides}
         param = next(self.model.parameters())
-        z = torch.randn(int(n), self.dim, generator=generator, dtype=torch.float64)
+        z = randn((int(n), self.dim), generator, torch.float64, "cpu")
         self.model.eval()
         x = self.model.decode(z.to(dtype=param.dtype, device=param.device), **settings)
         return self.standardizer.inverse(x.double().cpu())
