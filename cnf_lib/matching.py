@@ -345,7 +345,8 @@ def gaussian_marginal_field(mean: Tensor, cov: Tensor, t1: float = 1.0) -> nn.Mo
         t1: the time of the data.
 
     Returns:
-        A module (no parameters) mapping ``(t, x)`` (scalar, (n, D)) to (n, D), in ``x``'s dtype.
+        A module (its constants are frozen float64 parameters) mapping ``(t, x)`` (scalar, (n, D)) to
+        (n, D), in ``x``'s dtype.
     """
     lam, q = _symmetric_eig(cov)
     mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
@@ -355,13 +356,18 @@ def gaussian_marginal_field(mean: Tensor, cov: Tensor, t1: float = 1.0) -> nn.Mo
 
 
 class _GaussianMarginalField(nn.Module):
-    """See :func:`gaussian_marginal_field`; in the eigenbasis of Σ the field is diagonal."""
+    """See :func:`gaussian_marginal_field`; in the eigenbasis of Σ the field is diagonal.
+
+    Its constants are frozen parameters (``requires_grad=False``), not buffers, so that a
+    :class:`~cnf_lib.cnf.CNF` built on it takes its dtype and device from them (``.double()``) and
+    can sample.
+    """
 
     def __init__(self, mean: Tensor, lam: Tensor, q: Tensor, t1: float) -> None:
         super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("lam", lam)
-        self.register_buffer("q", q)
+        self.mean = nn.Parameter(mean, requires_grad=False)
+        self.lam = nn.Parameter(lam, requires_grad=False)
+        self.q = nn.Parameter(q, requires_grad=False)
         self.t1 = t1
 
     def _gain(self, s: Tensor) -> Tensor:
@@ -369,16 +375,16 @@ class _GaussianMarginalField(nn.Module):
         return (s * self.lam - (1 - s)) / ((1 - s) ** 2 + s**2 * self.lam)
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        s = torch.as_tensor(t, dtype=torch.float64, device=x.device) / self.t1
+        s = torch.as_tensor(t, dtype=self.mean.dtype, device=x.device) / self.t1
         if s.ndim > 0:  # one time per point (vmap or a column)
             s = s.reshape(-1, 1)
-        y = (x.double() - s * self.mean) @ self.q  # eigen-coordinates
+        y = (x.to(self.mean.dtype) - s * self.mean) @ self.q  # eigen-coordinates
         out = self.mean + (self._gain(s) * y) @ self.q.T
         return (out / self.t1).to(x.dtype)
 
     def divergence(self, t: Tensor | float, x: Tensor, frobenius: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(f, tr ∂f/∂x, ‖∂f/∂x‖²_F)``, shapes (n, D), (n,), (n,) (the Jacobian is constant in x)."""
-        s = torch.as_tensor(t, dtype=torch.float64) / self.t1
+        s = torch.as_tensor(t, dtype=self.mean.dtype, device=x.device) / self.t1
         gain = self._gain(s) / self.t1
         n = x.shape[0]
         div = gain.sum().to(x.dtype).expand(n)
