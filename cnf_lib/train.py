@@ -398,6 +398,7 @@ class Trainer:
             iteration=self.iteration,
             config=asdict(self.config),
             objective=type(self.objective).__name__,
+            objective_config=self._objective_config(),
             model_config=self.model.config(),
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
@@ -406,6 +407,11 @@ class Trainer:
             best=self.best,
             since_best=self._since_best,
         )
+
+    def _objective_config(self) -> dict[str, Any]:
+        """The objective's settings (its ``config()``, if it has one), for checkpoints."""
+        config = getattr(self.objective, "config", None)
+        return dict(config()) if callable(config) else {}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint atomically (a killed process never leaves a half-written file)."""
@@ -434,6 +440,9 @@ class Trainer:
         if state.get("objective") != type(self.objective).__name__:
             raise ValueError(f"the checkpoint trained objective {state.get('objective')!r}, this trainer "
                              f"{type(self.objective).__name__!r}")
+        diff = config_differences(state.get("objective_config", {}), self._objective_config())
+        if diff:
+            raise ValueError("the checkpoint trained another objective configuration; " + "; ".join(diff))
         saved_cfg = {k: v for k, v in state["config"].items() if k not in _BOOKKEEPING}
         my_cfg = {k: v for k, v in asdict(self.config).items() if k not in _BOOKKEEPING}
         diff = config_differences(saved_cfg, my_cfg)

@@ -322,3 +322,12 @@ def test_cuda_draws_the_same_batches_as_the_cpu() -> None:
                           iterations=3, batch_size=64, eval_every=0, progress=False)
         losses[device] = trainer.fit()["loss"]
     np.testing.assert_allclose(losses["cpu"], losses["cuda"], rtol=1e-4)
+
+
+def test_resuming_with_other_pairs_or_sigma_is_refused_by_name(tmp_path) -> None:
+    path = tmp_path / "fm.pt"
+    _fm_trainer("ot", sigma=0.1, iterations=3, checkpoint_path=path).fit()
+    with pytest.raises(ValueError, match=r"pairs: saved 'ot', here 'independent'"):
+        _fm_trainer("independent", sigma=0.1, iterations=3).resume(path)
+    with pytest.raises(ValueError, match=r"sigma: saved 0.1, here 0.0"):
+        _fm_trainer("ot", sigma=0.0, iterations=3).resume(path)
