@@ -60,12 +60,14 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, out_features, bias=False)
 
     def gate_and_shift(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The time terms ``sigmoid(a t + c)`` and ``d t``, each shape (1, out)."""
-        tt = t.reshape(1, 1).to(like)
+        """The time terms ``sigmoid(a t + c)`` and ``d t``: each shape (1, out) for a scalar ``t``,
+        (n, out) for one time per point (``t`` of shape (n,))."""
+        tt = t.reshape(-1, 1).to(like)
         return torch.sigmoid(self.gate(tt)), self.shift(tt)
 
     def forward(self, t: Tensor, h: Tensor) -> Tensor:
-        """Arguments: ``t`` a scalar tensor, ``h`` shape (n, in). Returns shape (n, out)."""
+        """Arguments: ``t`` a scalar tensor or one time per point, shape (n,); ``h`` shape (n, in).
+        Returns shape (n, out)."""
         gate, shift = self.gate_and_shift(t, h)
         return self.linear(h) * gate + shift
 
@@ -92,7 +94,8 @@ class ConcatSquashMLP(nn.Module):
         self.act = ACTIVATIONS[activation]()
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        """Arguments: ``t`` a scalar (tensor or float), ``x`` shape (n, D). Returns f(t, x), shape (n, D)."""
+        """Arguments: ``t`` a scalar (tensor or float) or one time per point, shape (n,) (flow
+        matching needs that); ``x`` shape (n, D). Returns f(t, x), shape (n, D)."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         h = x
         for i, layer in enumerate(self.layers):

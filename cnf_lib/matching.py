@@ -160,11 +160,9 @@ def conditional_path(
 def field_at_times(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
     """Evaluates a field ``f(t, x)`` with one time per point.
 
-    The fields of :mod:`cnf_lib.fields` take one scalar time for the whole batch (an ODE solve
-    needs no more); flow matching needs a time per point. A
-    :class:`~cnf_lib.fields.ConcatSquashMLP` is evaluated in one batched pass with each layer's time
-    gate and shift computed per point (the same function as its ``forward`` at each point's time);
-    any other field through :func:`torch.func.vmap` over the points.
+    An ODE solve evaluates a field at one time for the whole batch; flow matching needs a time per
+    point. A :class:`~cnf_lib.fields.ConcatSquashMLP` takes one (its ``forward`` accepts ``t`` of
+    shape (n,)); any other field is evaluated through :func:`torch.func.vmap` over the points.
 
     Arguments:
         field: the field, called as ``field(t, x)`` with a scalar ``t`` and ``x`` of shape (m, D).
@@ -175,14 +173,7 @@ def field_at_times(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
         ``f(t_i, x_i)`` for each point, shape (n, D).
     """
     if isinstance(field, ConcatSquashMLP):
-        tt = t.reshape(-1, 1).to(x)
-        h = x
-        last = len(field.layers) - 1
-        for i, layer in enumerate(field.layers):
-            h = layer.linear(h) * torch.sigmoid(layer.gate(tt)) + layer.shift(tt)
-            if i < last:
-                h = field.act(h)
-        return h
+        return field(t.to(x), x)
     return torch.func.vmap(lambda ti, xi: field(ti, xi.unsqueeze(0)).squeeze(0))(t.to(x), x)
 
 
