@@ -36,6 +36,8 @@ book: $(STAMP)
 	rm -rf _build .glue/book
 	CNF_LIB_GLUE_LOG=$(CURDIR)/.glue/book $(BIN)/jupyter-book build . --all -W -n --keep-going
 	@test -f _build/html/index.html && echo "book written to _build/html/index.html"
+	# the built pages load nothing from another host (MathJax and every script are local)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_book_offline.py
 	# same seeds, same numbers: the build's glued values must equal nbval's (when make test ran first)
 	$(BIN)/python tools/compare_glue.py .glue/nbval .glue/book
 

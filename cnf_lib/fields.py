@@ -5,8 +5,9 @@ gated and shifted by functions of ``t``::
 
     layer(t, h) = (W h + b) * sigmoid(a t + c) + d t
 
-with smooth activations between layers (a CNF needs a field that is at least C¹ in ``x`` for
-the solver to take large steps and for the divergence to exist everywhere).
+with activations that are at least C¹ between layers (a CNF needs a field that is C¹ in ``x`` for
+the flow map to be differentiable and the divergence to exist everywhere): ``tanh``, ``softplus``
+and ``silu`` are smooth (C^∞); ``elu`` is C¹ but not C² (its second derivative jumps at 0).
 
 References:
     Grathwohl et al. (2019). FFJORD. https://arxiv.org/abs/1810.01367
@@ -78,7 +79,7 @@ class ConcatSquashMLP(nn.Module):
     Arguments:
         dim: the dimension D of the points.
         hidden: widths of the hidden layers, e.g. ``(64, 64, 64)``.
-        activation: one of :data:`ACTIVATIONS` (smooth ones: ``tanh``, ``softplus``, ``elu``, ``silu``).
+        activation: one of :data:`ACTIVATIONS`: ``tanh``, ``softplus``, ``silu`` (smooth) or ``elu`` (C¹).
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh") -> None:

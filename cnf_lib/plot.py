@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -670,7 +671,8 @@ def animate_flow(
 def animation_html(anim: FuncAnimation, embed_limit_mb: float = 20) -> HTML:
     r"""Renders an animation as a self-contained HTML/JavaScript player (no ffmpeg needed).
 
-    Equivalent to ``IPython.display.HTML(anim.to_jshtml())`` with a larger embedding limit,
+    Equivalent to ``IPython.display.HTML(anim.to_jshtml())`` with a larger embedding limit and
+    without Matplotlib's link to Font Awesome on a CDN (the page loads nothing from another host),
     and closes the animation's figure so that Jupyter does not also show a static copy.
     Every frame is a PNG embedded in base64, so the page grows with the number of frames and
     their pixels (about 1 MB for 40 frames of 4 × 4 inches at 100 dpi).
@@ -702,6 +704,10 @@ def animation_html(anim: FuncAnimation, embed_limit_mb: float = 20) -> HTML:
     finally:
         if fig is not None:
             plt.close(fig)
+
+    # Matplotlib's player links Font Awesome from a CDN for its button icons; the book's pages
+    # load nothing from another host (the theme ships Font Awesome, and Jupyter has it too)
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>\s*", "", html)
 
     expected = getattr(anim, "_save_count", None)
     found = html.count("data:image/png;base64")

@@ -265,6 +265,7 @@ def test_animation_html_has_one_png_per_frame(traj):
     text = html.data
     assert "<img" in text
     assert text.count("data:image/png") == T
+    assert "font-awesome" not in text and "https://" not in text  # nothing loaded from another host
 
 
 def test_animate_flow_with_density_frames(traj):
