@@ -70,6 +70,7 @@ from scipy.spatial import cKDTree
 from .checks import randn
 from .cnf import CNF
 from .datasets import Standardizer
+from .saving import plain_config
 from .train import TrainConfig, Trainer
 
 __all__ = [
@@ -273,21 +274,6 @@ def check_enough_cells(n_cells: int, dim: int, what: str = "training cells") -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _plain_settings(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Drops None values (HDF5 cannot store them) and turns tuples into lists."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, Mapping):
-            out[k] = _plain_settings(v)
-        elif isinstance(v, tuple):
-            out[k] = list(v)
-        else:
-            out[k] = v
-    return out
-
-
 def _from_h5(v: Any) -> Any:
     """NumPy scalars read back from .h5ad as Python scalars."""
     if isinstance(v, np.generic):
@@ -443,8 +429,8 @@ class CellDensity:
             "hidden": np.asarray(cfg["hidden"], dtype=np.int64),
             "activation": cfg["activation"],
             "t1": cfg["t1"],
-            "solver": _plain_settings(cfg["settings"]),
-            "train": _plain_settings(self.train_config),
+            "solver": plain_config(cfg["settings"]),
+            "train": plain_config(dict(self.train_config)),
         }
         if self.n_comps is not None:
             params["n_comps"] = int(self.n_comps)
