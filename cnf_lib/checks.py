@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_points", "randn", "rademacher", "randperm", "categorical", "module_device"]
+__all__ = ["check_points", "randn", "uniform", "rademacher", "randperm", "categorical", "module_device"]
 
 
 def check_points(
@@ -122,6 +122,17 @@ def randn(
         A tensor of shape ``shape``.
     """
     x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=_draw_device(generator))
+    return x if device is None else x.to(device)
+
+
+def uniform(
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Uniform numbers on [0, 1), drawn as :func:`randn` is (generator's device, then moved)."""
+    x = torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_draw_device(generator))
     return x if device is None else x.to(device)
 
 

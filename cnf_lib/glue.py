@@ -2,9 +2,9 @@
 
 Chapters glue every number they state (``{glue:text}`name:.3f``` in the prose). This wrapper
 also appends each value to a JSON-lines file when the environment variable ``CNF_LIB_GLUE_LOG``
-names a folder (the Makefile sets it for ``make test`` and ``make book``), so that
-``tools/compare_glue.py`` can check that two executions of the book (nbval's and the
-build's) glued the same numbers: the same seed must give the same numbers. Values that
+names a folder (the Makefile sets it whenever it executes the chapters), so that
+``tools/compare_glue.py`` can check that two executions of the book (``make reproduce``)
+glued the same numbers: the same seed must give the same numbers. Values that
 legitimately vary between runs (wall-clock times and speed ratios) are marked ``varies=True``
 and are recorded but not compared.
 """

@@ -57,7 +57,7 @@ import ot
 import torch
 from torch import Tensor, nn
 
-from .checks import check_points, randn
+from .checks import check_points, randn, uniform
 from .fields import ConcatSquashMLP
 from .objectives import MaximumLikelihood, Sampler
 
@@ -86,13 +86,6 @@ class MatchingResult:
 
     nfe_forward: int = 0
     nfe_backward: int = 0
-
-
-def _uniform(n: int, generator: torch.Generator | None, dtype: torch.dtype,
-             device: torch.device | str) -> Tensor:
-    """Uniform numbers on [0, 1), drawn on the generator's device and then moved (:mod:`cnf_lib.checks`)."""
-    draw_device = torch.device("cpu") if generator is None else generator.device
-    return torch.rand(n, generator=generator, dtype=dtype, device=draw_device).to(device)
 
 
 def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
@@ -273,7 +266,7 @@ class FlowMatching:
             ``(t, x_t, u_t)``, shapes (n,), (n, D), (n, D).
         """
         x0, x1 = self.pair(x1, generator)
-        t = t1 * _uniform(x1.shape[0], generator, x1.dtype, x1.device)
+        t = t1 * uniform((x1.shape[0],), generator, x1.dtype, x1.device)
         noise = randn(tuple(x1.shape), generator, x1.dtype, x1.device) if self.sigma > 0 else None
         xt, ut = conditional_path(x0, x1, t, self.sigma, noise, t1)
         return t, xt, ut

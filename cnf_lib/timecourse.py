@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checks import check_points, randperm
+from .checks import check_points, randn, randperm, uniform
 from .cnf import CNF, standard_normal_log_prob
+from .matching import PAIRINGS, MatchingResult, conditional_path, field_at_times, ot_pairing
 from .singlecell import get_representation
 from .train import TrainConfig, Trainer
 
@@ -58,6 +59,7 @@ __all__ = [
     "SnapshotLogProbs",
     "TrajectoryCNF",
     "SnapshotLikelihood",
+    "SnapshotMatching",
     "fit_timecourse",
     "fit_trajectories",
     "get_trajectories",
@@ -476,6 +478,110 @@ class SnapshotLikelihood:
         return nll.item(), out.nfe_forward
 
 
+class SnapshotMatching:
+    r"""Flow matching through a time course: the multi-snapshot objective without an ODE solve.
+
+    The prior :math:`\mathcal N(0, I)` at :math:`\tau = 0` and the snapshots given (a time point
+    left out is skipped, so its neighbours are joined across the gap) are linked in time order by
+    straight paths. Each iteration draws up to ``batch_size`` cells of every snapshot (as
+    :class:`SnapshotLikelihood` does) and as many prior points as cells of the first; the points of
+    each pair of consecutive ends :math:`(a, b)` are coupled — ``m`` of each, the smaller count — by
+    the exact optimal-transport plan of the batch (``pairs="ot"``, :func:`~cnf_lib.matching.ot_pairing`)
+    or as drawn (``"independent"``); each pair gets :math:`s \sim U[0, 1]` and the field is
+    regressed on the pair's velocity:
+
+    .. math:: \big\lVert f\big(\tau_a + s(\tau_b - \tau_a),\; (1 - s) x_a + s x_b + \sigma\varepsilon\big)
+              - \frac{x_b - x_a}{\tau_b - \tau_a} \big\rVert^2,
+
+    averaged over each interval's pairs, then over the intervals. At each snapshot's time the
+    marginal of these piecewise-straight paths is that snapshot, so the field that minimizes the
+    loss carries the prior through every snapshot given (Tong et al., 2024, multi-marginal
+    OT-CFM); the model is the same :class:`TrajectoryCNF` as with :class:`SnapshotLikelihood`, and
+    :meth:`evaluate` scores it by that likelihood. The trainer's ``kinetic`` and ``frobenius`` must be
+    0 and its ``train_settings`` are unused (no solve in training).
+
+    Arguments:
+        pairs: ``"ot"`` (exact mini-batch OT between consecutive snapshots) or ``"independent"``.
+        sigma: the standard deviation of the tube around each straight path (model units), >= 0.
+    """
+
+    records: tuple[str, ...] = ()
+
+    def __init__(self, pairs: str = "ot", sigma: float = 0.0) -> None:
+        if pairs not in PAIRINGS:
+            raise ValueError(f"unknown pairs {pairs!r}; expected one of {PAIRINGS}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        self.pairs = pairs
+        self.sigma = float(sigma)
+        self._likelihood = SnapshotLikelihood()
+
+    def config(self) -> dict[str, Any]:
+        """The objective's settings as plain values (``pairs``, ``sigma``)."""
+        return dict(pairs=self.pairs, sigma=self.sigma)
+
+    def __repr__(self) -> str:
+        return f"SnapshotMatching(pairs={self.pairs!r}, sigma={self.sigma})"
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> list[Tensor | None]:
+        return self._likelihood.check_data(model, data, name)
+
+    def batch(self, data: list[Tensor | None], batch_size: int, generator: torch.Generator) -> list[Tensor | None]:
+        return self._likelihood.batch(data, batch_size, generator)
+
+    def regression_targets(self, model: nn.Module, batch: list[Tensor | None],
+                           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The regression problem of one batch (model coordinates and times).
+
+        Draws, from ``generator`` and in this order: the prior points, then per interval the
+        fractions ``s`` and (``sigma > 0``) the noise.
+
+        Returns:
+            ``(tau, x, u, weight)``, shapes (N,), (N, D), (N, D), (N,): each pair's time, point
+            and target velocity, and its weight in the loss (the weights sum to 1).
+        """
+        param = next(model.parameters())
+        ends = [(model.model_time(t), x.to(param)) for t, x in zip(model.times, batch) if x is not None]
+        first = ends[0][1]
+        ends.insert(0, (0.0, randn(tuple(first.shape), generator, param.dtype, param.device)))
+        taus, xs, us, weights = [], [], [], []
+        n_intervals = len(ends) - 1
+        for (tau_a, xa), (tau_b, xb) in zip(ends[:-1], ends[1:]):
+            m = min(xa.shape[0], xb.shape[0])
+            xa, xb = xa[:m], xb[:m]
+            if self.pairs == "ot":
+                xa = xa[torch.argsort(ot_pairing(xa, xb))]  # row i of xa now goes with row i of xb
+            s = uniform((m,), generator, param.dtype, param.device)
+            noise = randn((m, model.dim), generator, param.dtype, param.device) if self.sigma > 0 else None
+            x, u = conditional_path(xa, xb, s, self.sigma, noise)
+            taus.append(tau_a + s * (tau_b - tau_a))
+            xs.append(x)
+            us.append(u / (tau_b - tau_a))
+            weights.append(torch.full((m,), 1.0 / (n_intervals * m), dtype=param.dtype, device=param.device))
+        return torch.cat(taus), torch.cat(xs), torch.cat(us), torch.cat(weights)
+
+    def loss(self, model: nn.Module, batch: list[Tensor | None], config: TrainConfig,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float], Any]:
+        """The matching loss of a batch (one evaluation of the field, no solve) and its records.
+
+        Raises:
+            ValueError: if ``config.kinetic`` or ``config.frobenius`` is not 0.
+        """
+        if config.kinetic != 0 or config.frobenius != 0:
+            raise ValueError(
+                f"SnapshotMatching has no kinetic or Frobenius term (got kinetic={config.kinetic}, "
+                f"frobenius={config.frobenius}); pass kinetic=0 and frobenius=0"
+            )
+        tau, x, u, weight = self.regression_targets(model, batch, generator)
+        residual = (field_at_times(model.cnf.field, tau, x) - u).pow(2).sum(1)
+        return (weight * residual).sum(), dict(nll=math.nan, nfe_forward=0), MatchingResult()
+
+    def evaluate(self, model: nn.Module, data: list[Tensor | None], config: TrainConfig,
+                 generator: torch.Generator) -> tuple[float, int]:
+        """``(mean snapshot NLL, NFE)``: the likelihood of :class:`SnapshotLikelihood` (an ODE solve)."""
+        return self._likelihood.evaluate(model, data, config, generator)
+
+
 def fit_timecourse(
     model: TrajectoryCNF,
     course: TimeCourse,
@@ -485,18 +591,19 @@ def fit_timecourse(
     batch_size: int = 128,
     lr: float = 5e-3,
     lr_final: float = 5e-4,
-    kinetic: float = 0.1,
+    kinetic: float | None = None,
     grad_clip: float | None = 5.0,
     seed: int = 0,
     train_settings: dict[str, Any] | None = None,
+    objective: SnapshotLikelihood | SnapshotMatching | None = None,
     checkpoint_path: Any = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     r"""Trains a :class:`TrajectoryCNF` on every snapshot of ``course`` but ``leave_out``.
 
     Training runs through the one :class:`~cnf_lib.train.Trainer` with the objective
-    :class:`SnapshotLikelihood`: an Adam step per iteration with the learning rate on a cosine
-    from ``lr`` to ``lr_final``, and the trainer's guards (a non-finite loss or gradient or a
+    :class:`SnapshotLikelihood` (or :class:`SnapshotMatching`): an Adam step per iteration with the
+    learning rate on a cosine from ``lr`` to ``lr_final``, and the trainer's guards (a non-finite loss or gradient or a
     solver failure stops with :class:`~cnf_lib.train.TrainingError` and the last good
     parameters), checkpoints and exact resume. The model trains where it is (its device).
 
@@ -504,10 +611,13 @@ def fit_timecourse(
         model: the model (its times must be the course's).
         course: the snapshots.
         leave_out: an intermediate time point to hold out (``None``: train on all).
-        iterations, batch_size, lr, lr_final, kinetic, grad_clip: the optimization.
+        iterations, batch_size, lr, lr_final, kinetic, grad_clip: the optimization (``kinetic=None``:
+            0.1 for the likelihood, 0 for flow matching, which has no such term).
         seed: seeds the batches and the Hutchinson probes (a CPU generator; seed the model's
             initialization yourself, ``torch.manual_seed``, before building it).
-        train_settings: solver settings of the training solves (``None``: the model's own).
+        train_settings: solver settings of the training solves (``None``: the model's own; unused
+            by flow matching).
+        objective: :class:`SnapshotLikelihood` (``None``, the default) or :class:`SnapshotMatching`.
         checkpoint_path: where to write checkpoints (at the end and on an interrupt); a run
             with the same arguments resumes from it when the file exists.
         progress: a tqdm bar with the loss and the NFE.
@@ -515,7 +625,8 @@ def fit_timecourse(
     Returns:
         The history: per iteration ``iteration``, ``loss``, ``nll`` (mean over snapshots, nats,
         model coordinates), ``kinetic`` (mean ∫‖f‖²), ``nfe_forward``, ``nfe_backward``, ``time``
-        and ``cpu_time`` (cumulative seconds), ``lr``; and ``leave_out``.
+        and ``cpu_time`` (cumulative seconds), ``lr``; and ``leave_out`` and ``kinetic_weight`` (the
+        kinetic weight used).
 
     Raises:
         ValueError: times or dimension not the course's, a negative ``kinetic``, or ``leave_out``
@@ -527,6 +638,9 @@ def fit_timecourse(
         raise ValueError(f"the model's times {list(model.times)} are not the course's {course.times.tolist()}")
     if model.dim != course.dim:
         raise ValueError(f"the model has dimension {model.dim}, the course {course.dim}")
+    objective = SnapshotLikelihood() if objective is None else objective
+    if kinetic is None:
+        kinetic = 0.1 if isinstance(objective, SnapshotLikelihood) else 0.0
     if kinetic < 0:
         raise ValueError(f"kinetic must be >= 0, got {kinetic}")
     skip = None if leave_out is None else course.index(leave_out)
@@ -539,13 +653,13 @@ def fit_timecourse(
                          kinetic=kinetic, seed=seed, grad_clip=grad_clip, eval_every=0,
                          train_settings=dict(train_settings or {}))
     data = [None if k == skip else model.standardize(x) for k, x in enumerate(course.snapshots)]
-    trainer = Trainer(model, data, None, config, objective=SnapshotLikelihood(),
+    trainer = Trainer(model, data, None, config, objective=objective,
                       checkpoint_path=checkpoint_path, progress=progress)
     if checkpoint_path is not None and trainer.checkpoint_path.exists():
         trainer.resume()
     history = trainer.fit()
     model.eval()
-    return {**history, "leave_out": leave_out}
+    return {**history, "leave_out": leave_out, "kinetic_weight": kinetic}
 
 
 def fit_trajectories(
@@ -556,7 +670,8 @@ def fit_trajectories(
     *,
     leave_out: float | None = None,
     hidden: Sequence[int] = (64, 64),
-    kinetic: float = 0.1,
+    objective: str = "likelihood",
+    kinetic: float | None = None,
     iterations: int = 200,
     batch_size: int = 128,
     lr: float = 5e-3,
@@ -576,8 +691,12 @@ def fit_trajectories(
         time_key, use_rep, n_comps: see :meth:`TimeCourse.from_anndata` (``n_comps`` as in
             :func:`cnf_lib.singlecell.fit_density`: the first 5 columns by default).
         leave_out: an intermediate time point to hold out of training.
-        hidden, kinetic, iterations, batch_size, lr, lr_final, seed: the model and its training
-            (``seed`` also seeds the initialization).
+        hidden: the widths of the field's hidden layers.
+        objective: ``"likelihood"`` (:class:`SnapshotLikelihood`, ODE solves in training) or
+            ``"matching"`` (:class:`SnapshotMatching` with OT pairs and ``sigma = 0``: no solve in
+            training, each iteration much cheaper; the fitted model is the same kind).
+        kinetic, iterations, batch_size, lr, lr_final, seed: the training (``kinetic=None``: 0.1
+            for the likelihood, 0 for matching; ``seed`` also seeds the initialization).
         train_settings: solver settings of the training solves; default RK4 on a fixed grid of
             step 1 (one step per snapshot interval), a training device only.
         device: where the model trains and is returned (``"cuda"`` for a GPU).
@@ -604,9 +723,13 @@ def fit_trajectories(
     if unknown:
         raise ValueError(
             f"unknown argument(s) {unknown} of fit_trajectories; its training arguments are leave_out, hidden, "
-            "kinetic, iterations, batch_size, lr, lr_final, seed, train_settings, device, key_added, progress, "
+            "objective, kinetic, iterations, batch_size, lr, lr_final, seed, train_settings, device, key_added, "
+            "progress, "
             f"and the solver settings of the fitted model are {sorted(known)}"
         )
+    objectives = {"likelihood": SnapshotLikelihood, "matching": SnapshotMatching}
+    if objective not in objectives:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(objectives)}")
     course = TimeCourse.from_anndata(adata, time_key, use_rep, n_comps)
     torch.manual_seed(seed)
     model = TrajectoryCNF.for_course(course, leave_out=leave_out, hidden=hidden,
@@ -614,14 +737,16 @@ def fit_trajectories(
     grid = dict(method="rk4", step_size=1.0) if train_settings is None else dict(train_settings)
     model.history = fit_timecourse(model, course, leave_out=leave_out, iterations=iterations,
                                    batch_size=batch_size, lr=lr, lr_final=lr_final, kinetic=kinetic,
-                                   seed=seed, train_settings=grid, progress=progress)
+                                   seed=seed, train_settings=grid, objective=objectives[objective](),
+                                   progress=progress)
+    kinetic = model.history["kinetic_weight"]
     if key_added is not None:
         from .saving import model_to_uns, plain_config
 
         adata.uns[key_added] = dict(
             params=plain_config(dict(time_key=time_key, use_rep=use_rep, n_comps=course.dim, hidden=list(hidden),
-                               kinetic=kinetic, iterations=iterations, batch_size=batch_size, lr=lr,
-                               lr_final=lr_final, seed=seed, train_settings=grid,
+                               objective=objective, kinetic=kinetic, iterations=iterations,
+                               batch_size=batch_size, lr=lr, lr_final=lr_final, seed=seed, train_settings=grid,
                                leave_out=np.nan if leave_out is None else float(leave_out))),
             model=model_to_uns(model),
             times=np.asarray(model.times),

@@ -519,3 +519,79 @@ def test_preprocessing_holding_a_day_out_never_sees_its_cells() -> None:
     np.testing.assert_allclose(a.obsm["X_pca"][held], project_counts(adata[held], a, n_comps=4), rtol=1e-5)
     with pytest.raises(ValueError, match="no cell has time"):
         preprocess_holding_out(adata, 7.0)
+
+
+# ------------------------------------------------------------------- flow matching through snapshots
+
+
+def test_snapshot_matching_targets_pair_consecutive_ends_by_exact_ot_and_skip_the_held_out_one() -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from cnf_lib.timecourse import SnapshotMatching
+
+    course = translated_course(times=(0.0, 1.0, 2.0, 4.0), n=12)
+    shuffled = TimeCourse(course.times, [s[torch.randperm(12, generator=torch.Generator().manual_seed(k))]
+                                         for k, s in enumerate(course.snapshots)])
+    model = small(shuffled)
+    data = [model.standardize(x) for x in shuffled.snapshots]
+    data[2] = None  # time 2 left out: times 1 and 4 are joined across the gap
+    tau, x, u, w = SnapshotMatching("ot").regression_targets(model, data, torch.Generator().manual_seed(0))
+    taus = [0.0] + [model.model_time(t) for t in (0.0, 1.0, 4.0)]
+    assert tau.shape == (36,) and x.shape == u.shape == (36, 2)
+    assert torch.isclose(w.sum(), torch.tensor(1.0))
+    for i, (a, b) in enumerate(zip(taus[:-1], taus[1:])):
+        seg = slice(12 * i, 12 * (i + 1))
+        assert ((tau[seg] >= a) & (tau[seg] <= b)).all()
+        s = ((tau[seg] - a) / (b - a)).unsqueeze(1)
+        start = x[seg] - s * (b - a) * u[seg]     # x = (1 - s) x_a + s x_b and u = (x_b - x_a) / (b - a)
+        end = start + (b - a) * u[seg]
+        if i == 0:
+            continue  # the prior's points are drawn, not given
+        xa, xb = data[[0, 1, 3][i - 1]], data[[0, 1, 3][i]]
+        rows, cols = linear_sum_assignment(torch.cdist(xa.double(), xb.double()).pow(2).numpy())
+        expected = {tuple(xa[r].tolist()): cols[k] for k, r in enumerate(rows)}
+        for p, q in zip(start, end):  # each start is a cell of x_a; its end is the cell the plan gives it
+            row = int(torch.cdist(p[None].double(), xa.double()).argmin())
+            torch.testing.assert_close(p, xa[row], atol=1e-5, rtol=0)
+            torch.testing.assert_close(q, xb[expected[tuple(xa[row].tolist())]], atol=1e-5, rtol=0)
+    # a translated population is matched to its own translate: u is the velocity in model units
+    last = slice(24, 36)
+    velocity = torch.tensor([1.5, -0.5]) * model.unit / model.scale  # model units per model time
+    torch.testing.assert_close(u[last], velocity.expand(12, 2), atol=1e-5, rtol=0)
+
+
+def test_snapshot_matching_learns_a_translation_and_refuses_a_kinetic_term() -> None:
+    from cnf_lib.timecourse import SnapshotMatching
+
+    course = translated_course(n=64)
+    with pytest.raises(ValueError, match="kinetic"):
+        fit_timecourse(small(course), course, kinetic=0.1, objective=SnapshotMatching(), **RECIPE)
+    with pytest.raises(ValueError, match="unknown pairs"):
+        SnapshotMatching(pairs="sinkhorn")
+    model = small(course)
+    h = fit_timecourse(model, course, objective=SnapshotMatching(), seed=1,
+                       **{**RECIPE, "iterations": 300, "lr": 1e-2})
+    assert h["kinetic_weight"] == 0.0 and all(n == 0 for n in h["nfe_forward"]) and math.isnan(h["nll"][0])
+    assert np.mean(h["loss"][-20:]) < 0.2 * np.mean(h["loss"][:20])
+    with torch.no_grad():
+        moved = model.push(course.snapshots[0], 0.0, 2.0, method="dopri5", rtol=1e-5, atol=1e-5)
+    # the population moves by 2 v = (3, -1); each cell follows its own translate
+    torch.testing.assert_close(moved.mean(0), course.snapshots[2].mean(0), atol=0.15, rtol=0)
+    assert (moved - course.snapshots[2]).norm(dim=1).median() < 0.3
+
+
+def test_fit_trajectories_by_flow_matching_round_trips_and_names_a_bad_objective(tmp_path) -> None:
+    from cnf_lib.timecourse import get_trajectories
+
+    course = translated_course(n=40)
+    adata = cells_adata(torch.cat(course.snapshots).numpy(), np.repeat(course.times, 40))
+    with pytest.raises(ValueError, match="unknown objective 'mle'"):
+        fit_trajectories(adata, n_comps=2, objective="mle", progress=False)
+    model = fit_trajectories(adata, n_comps=2, objective="matching", hidden=(16,), iterations=20, progress=False)
+    params = adata.uns["trajectory_cnf"]["params"]
+    assert params["objective"] == "matching" and params["kinetic"] == 0.0
+    path = tmp_path / "fm.h5ad"
+    adata.write_h5ad(path)
+    again = get_trajectories(ad.read_h5ad(path))
+    x = course.snapshots[0][:5]
+    torch.testing.assert_close(again.push(x, 0.0, 1.0), model.push(x, 0.0, 1.0))
