@@ -203,6 +203,7 @@ class FlowMatching:
     """
 
     records: tuple[str, ...] = ()
+    solves_in_training: bool = False
 
     def __init__(self, pairs: str = "independent", sigma: float = 0.0) -> None:
         if pairs not in PAIRINGS:

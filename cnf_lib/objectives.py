@@ -60,6 +60,8 @@ class Objective(Protocol):
     """
 
     records: tuple[str, ...]
+    #: whether :meth:`loss` solves the ODE (on ``config.train_settings``); flow matching does not
+    solves_in_training: bool
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> Any:
         """Validate training or held-out data for ``model`` (raise a clear ``ValueError``)."""
@@ -86,6 +88,7 @@ class MaximumLikelihood:
     """
 
     records: tuple[str, ...] = ()
+    solves_in_training: bool = True
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
         """Points (n, D) (a warning when training data is far from unit scale), or a sampler."""

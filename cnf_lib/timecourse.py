@@ -442,6 +442,7 @@ class SnapshotLikelihood:
     """
 
     records: tuple[str, ...] = ("kinetic",)
+    solves_in_training: bool = True
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> list[Tensor | None]:
         data = list(data)
@@ -506,6 +507,7 @@ class SnapshotMatching:
     """
 
     records: tuple[str, ...] = ()
+    solves_in_training: bool = False
 
     def __init__(self, pairs: str = "ot", sigma: float = 0.0) -> None:
         if pairs not in PAIRINGS:

@@ -29,9 +29,10 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,21 @@ from .cnf import SolverError
 from .objectives import MaximumLikelihood, Objective
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
-           "config_differences"]
+           "config_differences", "FIXED_STEP_METHODS", "GRID_GAP_WARNING"]
 
 CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
 CHECKPOINT_VERSION = 2
 
 # Fields of TrainConfig that may change between a checkpoint and its resume (they decide no number).
 _BOOKKEEPING = ("checkpoint_every",)
+
+#: torchdiffeq's fixed-step solvers: a model trained with one of them can learn its grid.
+FIXED_STEP_METHODS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams",
+                                       "implicit_adams")
+
+#: Nats between the held-out NLL on the training grid and the adaptive one above which the trainer
+#: warns that the model has begun to fit its grid.
+GRID_GAP_WARNING = 0.01
 
 
 class TrainingError(RuntimeError):
@@ -179,7 +188,10 @@ class Trainer:
             ``nfe_backward`` (the adjoint's backward solve; 0 without the adjoint), ``time`` and
             ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``,
             and the objective's ``records``) and per evaluation (``eval_iteration``, ``test_nll``,
-            ``eval_nfe``).
+            ``eval_nfe``, and ``test_nll_grid``: the held-out NLL on the training grid, exact trace,
+            NaN unless the objective solves on a fixed-step grid in training; when it is more
+            than :data:`GRID_GAP_WARNING` nats from ``test_nll`` the trainer warns, once: the
+            model has begun to fit its grid).
         iteration: iterations done.
         generator: the CPU generator of batches and probes (seeded by ``config.seed``).
         best: with ``config.keep_best``, ``{"iteration", "nll", "state"}`` of the best held-out
@@ -222,8 +234,9 @@ class Trainer:
         self._saved_at: int | None = None
         self.history: dict[str, list[float]] = {
             k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time", "lr",
-                            *self.objective.records, "eval_iteration", "test_nll", "eval_nfe")
+                            *self.objective.records, "eval_iteration", "test_nll", "eval_nfe", "test_nll_grid")
         }
+        self._warned_grid = False
 
     # -- one step -------------------------------------------------------------------------------
     def _gradient(self) -> dict[str, float]:
@@ -384,9 +397,33 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1))
         value, nfe = self.objective.evaluate(self.model, data, self.config, generator)
         if record:
+            grid_value = self._grid_nll(data)
             self.history["eval_iteration"].append(self.iteration)
             self.history["test_nll"].append(value)
             self.history["eval_nfe"].append(nfe)
+            self.history["test_nll_grid"].append(grid_value)
+            if abs(grid_value - value) > GRID_GAP_WARNING and not self._warned_grid:
+                self._warned_grid = True
+                step = self.config.train_settings.get("step_size")
+                warnings.warn(
+                    f"at iteration {self.iteration} the held-out NLL on the training grid "
+                    f"({self.config.train_settings.get('method')}, step {step}) is {grid_value:.3f} nats and "
+                    f"{value:.3f} adaptively: the model has begun to fit its grid, a training device only (the "
+                    "adaptive value is the model's). A finer training grid (train_settings step_size "
+                    f"{step / 2 if step else 'smaller'}), a larger kinetic weight or fewer iterations keep "
+                    "the two together.", UserWarning, stacklevel=2)
+        return value
+
+    def _grid_nll(self, data: Any) -> float:
+        """Held-out NLL on the training solver's fixed grid (exact trace as in ``eval_settings``), or
+        NaN when the objective does not solve in training or trains with an adaptive solver."""
+        train = self.config.train_settings
+        if not getattr(self.objective, "solves_in_training", True) or train.get("method") not in FIXED_STEP_METHODS:
+            return math.nan
+        keep = ("method", "step_size")
+        grid = {**self.config.eval_settings, **{k: v for k, v in train.items() if k in keep}}
+        generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1) + 1)
+        value, _ = self.objective.evaluate(self.model, data, replace(self.config, eval_settings=grid), generator)
         return value
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -460,6 +497,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self.history.setdefault("test_nll_grid", [math.nan] * len(self.history["test_nll"]))
         self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
         self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
         self._saved_at = self.iteration

@@ -426,3 +426,35 @@ def test_keep_best_and_patience_stop_early_and_resume_exactly(tmp_path: Path) ->
 def test_data_far_from_unit_scale_gets_a_warning_that_says_what_to_do() -> None:
     with pytest.warns(UserWarning, match="Standardizer"):
         Trainer(small_model(), gaussian_data(64, 0) * 100 + 1000, progress=False)
+
+
+# ------------------------------------------------------------------ a model that learns its grid
+
+
+def test_the_trainer_measures_the_training_grid_and_warns_when_the_model_departs_from_it() -> None:
+    """A linear field A = 2I: the likelihood solves from the data back to the prior, and one RK4
+    step of size -1 maps x to (1 - 2 + 2 - 4/3 + 2/3) x = x/3 instead of e⁻² x, so the NLL on that
+    grid differs from the adaptive one by a closed form."""
+    import warnings
+
+    from cnf_lib import LinearField
+
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    model = CNF(2, field=LinearField(2 * torch.eye(2)))
+    trainer = Trainer(model, x, x, iterations=1, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
+                      train_settings=dict(method="rk4", step_size=1.0), progress=False)
+    with pytest.warns(UserWarning, match="begun to fit its grid"):
+        h = trainer.fit()
+    # log p(x) = log N(M^-1 x) - log det M, M = c I: NLL(c) = mean|x|²/(2c²) + log(2π) + 2 log c
+    sq = x.double().pow(2).sum(1).mean().item()
+    nll = lambda c: sq / (2 * c**2) + math.log(2 * math.pi) + 2 * math.log(c)  # noqa: E731
+    assert h["test_nll"][-1] == pytest.approx(nll(math.e**2), abs=1e-4)
+    # on the grid the map is x/3 while the log-det is still the integral of tr A = 4 (a constant)
+    assert h["test_nll_grid"][-1] == pytest.approx(sq / (2 * 9) + math.log(2 * math.pi) + 4, abs=1e-4)
+    # an adaptive training solver has no grid: NaN, no warning
+    adaptive = Trainer(CNF(2, field=LinearField(2 * torch.eye(2))), x, x, iterations=1, lr=1e-12, lr_final=1e-12,
+                       kinetic=0.0, eval_every=1, train_settings=dict(method="dopri5"), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h2 = adaptive.fit()
+    assert math.isnan(h2["test_nll_grid"][-1])
