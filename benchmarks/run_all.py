@@ -1,10 +1,11 @@
 """Run every benchmark and write ``benchmarks/results.json`` and ``benchmarks/results.md``.
 
 ``make benchmarks`` calls this (after installing ``benchmarks/requirements.txt``, the peer
-library). About 10–15 minutes on a 2-core machine; ``--quick`` checks the scripts in a minute
-with tiny sizes (its numbers mean nothing and it writes ``results-quick.*`` instead).
+library). About 10–15 minutes on a 2-core machine, plus about 15 for ``heldout`` and ``cells``;
+``--quick`` checks the scripts in a minute with tiny sizes (its numbers mean nothing and it writes
+``results-quick.*`` instead).
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only profile,recipe,peer,trace,book]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only profile,recipe,peer,trace,heldout,cells,book]
 
 Sections (each a module here, each with a docstring that says what it measures and how):
 
@@ -12,6 +13,8 @@ Sections (each a module here, each with a docstring that says what it measures a
 * ``recipe`` — the 20-second target on 8 Gaussians and two moons, 3 seeds (bench_recipe.py);
 * ``peer`` — cnf_lib against zuko at equal settings (bench_peer.py);
 * ``trace`` — exact/Hutchinson cost per evaluation, D = 2 … 512 (bench_trace.py);
+* ``heldout`` — the defaults on four untuned densities, 1×/2×/4× budgets (bench_heldout.py);
+* ``cells`` — ``fit_density`` at 20,000 cells × 10 and 30 columns vs a BIC mixture (bench_cells.py);
 * ``book`` — the execution time of every chapter in the last ``make book`` (bench_book.py).
 """
 
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from report import markdown  # noqa: E402
 
-SECTIONS = ("profile", "recipe", "peer", "trace", "book")
+SECTIONS = ("profile", "recipe", "peer", "trace", "heldout", "cells", "book")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ Methods:
 The table gives the test NLL (nats per cell) beside the true one, and the CPU seconds of the fit.
 Nothing was tuned on these sets. One torch thread.
 
-    .venv/bin/python benchmarks/bench_cells_density.py [--dims 10,30] [--quick]
+    .venv/bin/python benchmarks/bench_cells.py [--dims 10,30] [--quick]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,27 +42,34 @@ def bic_mixture(x: np.ndarray, max_k: int = 8, seed: int = 0) -> GaussianMixture
     return min(fits, key=lambda g: g.bic(x))
 
 
-def run(dim: int, n_cells: int, n_test: int) -> list[list]:
+def fit_both(dim: int, n_cells: int, n_test: int) -> list[dict[str, Any]]:
+    """``fit_density`` (defaults) and the BIC mixture on one set: two result rows."""
     x, _ = warped_mixture(n_cells, np.random.default_rng(1), dim)
     x_test, logp_test = warped_mixture(n_test, np.random.default_rng(2), dim)
     true_nll = float(-logp_test.mean())
     adata = ad.AnnData(np.zeros((n_cells, 1), dtype=np.float32))
     adata.obsm["X_pca"] = x.astype(np.float32)
-    rows = []
     with common.Timer() as t, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit_density(adata, n_comps=dim, progress=False)
-    density = get_density(adata)
     with torch.no_grad():
-        cnf_nll = -density.log_prob(x_test.astype(np.float32)).double().mean().item()
-    said = "; ".join(str(w.message)[:60] for w in caught) or "–"
-    rows.append([dim, n_cells, "fit_density (defaults)", cnf_nll, true_nll, cnf_nll - true_nll, t.cpu, said])
+        cnf_nll = -get_density(adata).log_prob(x_test.astype(np.float32)).double().mean().item()
+    said = "; ".join(str(w.message).split(":")[0] for w in caught if "fit_density" in str(w.message))
+    rows = [dict(dim=dim, cells=n_cells, method="fit_density (defaults)", test_nll=cnf_nll, true_nll=true_nll,
+                 cpu=t.cpu, wall=t.wall, warnings=said or "none")]
     with common.Timer() as t:
         gmm = bic_mixture(x)
-    gmm_nll = float(-gmm.score(x_test))
-    rows.append([dim, n_cells, f"Gaussian mixture, BIC: {gmm.n_components} components", gmm_nll, true_nll,
-                 gmm_nll - true_nll, t.cpu, "–"])
+    rows.append(dict(dim=dim, cells=n_cells, method=f"Gaussian mixture, BIC ({gmm.n_components} components)",
+                     test_nll=float(-gmm.score(x_test)), true_nll=true_nll, cpu=t.cpu, wall=t.wall, warnings="–"))
+    for r in rows[-2:]:
+        print(f"  D={dim}: {r['method']}: gap {r['test_nll'] - r['true_nll']:.3f} nats, {r['cpu']:.0f} CPU s",
+              flush=True)
     return rows
+
+
+def run(quick: bool = False, dims: tuple[int, ...] = (10, 30), cells: int = 20_000) -> dict[str, Any]:
+    n_cells, n_test = (2000, 500) if quick else (cells, 5000)
+    return dict(rows=[r for dim in dims for r in fit_both(dim, n_cells, n_test)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2,000 cells: check that the script runs")
     args = parser.parse_args(argv)
     common.setup_threads(1)
-    n_cells, n_test = (2000, 500) if args.quick else (args.cells, 5000)
-    rows = []
-    for dim in (int(d) for d in args.dims.split(",")):
-        rows += run(dim, n_cells, n_test)
-        print(common.table(["D", "cells", "method", "test NLL", "true NLL", "gap", "CPU s", "warnings"], rows[-2:]),
-              flush=True)
-    print()
-    print(common.table(["D", "cells", "method", "test NLL", "true NLL", "gap (nats)", "fit CPU s", "warnings"], rows))
+    out = run(args.quick, tuple(int(d) for d in args.dims.split(",")), args.cells)
+    from report import _cells
+
+    print("\n".join(_cells(out)))
     return 0
 
 
