@@ -42,7 +42,7 @@ chapters: $(STAMP)
 
 book: $(STAMP)
 	@# outputs executed before the last change to the library (or its requirements) are not rendered
-	@if [ -f $(EXECUTED) ] && [ -z "$$(find cnf_lib requirements.txt pyproject.toml -newer $(EXECUTED) -print -quit)" ]; \
+	@if [ -f $(EXECUTED) ] && [ -z "$$(find cnf_lib/*.py requirements.txt pyproject.toml -newer $(EXECUTED) -print -quit)" ]; \
 		then echo "make book: rendering the chapters make test executed ($(CACHE))"; \
 		else $(MAKE) chapters; fi
 	mkdir -p _build && find _build -mindepth 1 -maxdepth 1 ! -name .jupyter_cache -exec rm -rf {} +
