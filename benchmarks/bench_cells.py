@@ -54,7 +54,8 @@ def fit_both(dim: int, n_cells: int, n_test: int) -> list[dict[str, Any]]:
         fit_density(adata, n_comps=dim, progress=False)
     with torch.no_grad():
         cnf_nll = -get_density(adata).log_prob(x_test.astype(np.float32)).double().mean().item()
-    said = "; ".join(str(w.message).split(":")[0] for w in caught if "fit_density" in str(w.message))
+    said = "; ".join(str(w.message).removeprefix("fit_density: ").split(" (")[0].replace(" was at", " at")
+                     for w in caught if str(w.message).startswith("fit_density"))
     rows = [dict(dim=dim, cells=n_cells, method="fit_density (defaults)", test_nll=cnf_nll, true_nll=true_nll,
                  cpu=t.cpu, wall=t.wall, warnings=said or "none")]
     with common.Timer() as t:
