@@ -110,6 +110,8 @@ def _interrupt_inside(trainer: Trainer, where: str, at_iteration: int) -> None:
 
         objective.evaluate = interrupted_evaluate
     elif where == "optimizer step":  # a real SIGINT while Adam updates the parameters
+        # Python's own SIGINT handler (a job started in the background by a shell ignores SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         step = trainer.optimizer.step
 
         def signalled_step(*args, **kwargs):
@@ -124,6 +126,14 @@ def _interrupt_inside(trainer: Trainer, where: str, at_iteration: int) -> None:
 
 @pytest.mark.parametrize("where", ["batch draw", "solve", "backward pass", "evaluation", "optimizer step"])
 def test_an_interrupt_anywhere_resumes_to_the_same_run(tmp_path: Path, where: str) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        _interrupted_run_resumes(tmp_path, where)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _interrupted_run_resumes(tmp_path: Path, where: str) -> None:
     full = make_trainer(eval_every=4)
     full.fit()
     interrupted = make_trainer(tmp_path, checkpoint_every=4, eval_every=4)
