@@ -64,7 +64,7 @@ from .objectives import MaximumLikelihood, Sampler
 if TYPE_CHECKING:  # type hints only
     from .train import TrainConfig
 
-__all__ = ["PAIRINGS", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
+__all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
            "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss"]
 
 #: The couplings of prior and data points :class:`FlowMatching` knows.
@@ -170,7 +170,35 @@ def field_at_times(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
     return torch.func.vmap(lambda ti, xi: field(ti, xi.unsqueeze(0)).squeeze(0))(t.to(x), x)
 
 
-class FlowMatching:
+class MatchingObjective:
+    """What every flow-matching objective shares: its two settings, checked, and their record.
+
+    Arguments:
+        pairs: one of :data:`PAIRINGS` (``"independent"`` or ``"ot"``).
+        sigma: the standard deviation of the tube around each straight path, >= 0.
+    """
+
+    records: tuple[str, ...] = ()
+    #: flow matching never solves the ODE in training (see :class:`~cnf_lib.objectives.Objective`)
+    solves_in_training: bool = False
+
+    def __init__(self, pairs: str, sigma: float) -> None:
+        if pairs not in PAIRINGS:
+            raise ValueError(f"unknown pairs {pairs!r}; expected one of {PAIRINGS}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        self.pairs = pairs
+        self.sigma = float(sigma)
+
+    def config(self) -> dict[str, Any]:
+        """The objective's settings as plain values (``pairs``, ``sigma``)."""
+        return dict(pairs=self.pairs, sigma=self.sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pairs={self.pairs!r}, sigma={self.sigma})"
+
+
+class FlowMatching(MatchingObjective):
     r"""Conditional flow matching of a :class:`~cnf_lib.cnf.CNF`'s field: an objective for the trainer.
 
     Each iteration draws ``batch_size`` data points :math:`x_1` (as maximum likelihood does: rows of
@@ -202,24 +230,9 @@ class FlowMatching:
         >>> samples = model.sample(1000)     # the same CNF, unchanged
     """
 
-    records: tuple[str, ...] = ()
-    solves_in_training: bool = False
-
     def __init__(self, pairs: str = "independent", sigma: float = 0.0) -> None:
-        if pairs not in PAIRINGS:
-            raise ValueError(f"unknown pairs {pairs!r}; expected one of {PAIRINGS}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        self.pairs = pairs
-        self.sigma = float(sigma)
+        super().__init__(pairs, sigma)
         self._likelihood = MaximumLikelihood()
-
-    def config(self) -> dict[str, Any]:
-        """The objective's settings as plain values (``pairs``, ``sigma``)."""
-        return dict(pairs=self.pairs, sigma=self.sigma)
-
-    def __repr__(self) -> str:
-        return f"FlowMatching(pairs={self.pairs!r}, sigma={self.sigma})"
 
     @staticmethod
     def _check_model(model: nn.Module) -> None:

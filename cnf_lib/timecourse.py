@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .checks import check_points, randn, randperm, uniform
 from .cnf import CNF, standard_normal_log_prob
-from .matching import PAIRINGS, MatchingResult, conditional_path, field_at_times, ot_pairing
+from .matching import MatchingObjective, MatchingResult, conditional_path, field_at_times, ot_pairing
 from .singlecell import get_representation
 from .train import TrainConfig, Trainer
 
@@ -479,7 +479,7 @@ class SnapshotLikelihood:
         return nll.item(), out.nfe_forward
 
 
-class SnapshotMatching:
+class SnapshotMatching(MatchingObjective):
     r"""Flow matching through a time course: the multi-snapshot objective without an ODE solve.
 
     The prior :math:`\mathcal N(0, I)` at :math:`\tau = 0` and the snapshots given (a time point
@@ -506,24 +506,9 @@ class SnapshotMatching:
         sigma: the standard deviation of the tube around each straight path (model units), >= 0.
     """
 
-    records: tuple[str, ...] = ()
-    solves_in_training: bool = False
-
     def __init__(self, pairs: str = "ot", sigma: float = 0.0) -> None:
-        if pairs not in PAIRINGS:
-            raise ValueError(f"unknown pairs {pairs!r}; expected one of {PAIRINGS}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        self.pairs = pairs
-        self.sigma = float(sigma)
+        super().__init__(pairs, sigma)
         self._likelihood = SnapshotLikelihood()
-
-    def config(self) -> dict[str, Any]:
-        """The objective's settings as plain values (``pairs``, ``sigma``)."""
-        return dict(pairs=self.pairs, sigma=self.sigma)
-
-    def __repr__(self) -> str:
-        return f"SnapshotMatching(pairs={self.pairs!r}, sigma={self.sigma})"
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> list[Tensor | None]:
         return self._likelihood.check_data(model, data, name)
