@@ -44,7 +44,7 @@ from .cnf import SolverError
 from .objectives import MaximumLikelihood, Objective
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
-           "config_differences", "FIXED_STEP_METHODS", "GRID_GAP_WARNING"]
+           "config_differences", "FIXED_STEP_METHODS", "GRID_GAP_WARNING", "MAX_GRID_REFINEMENTS"]
 
 CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -57,8 +57,11 @@ FIXED_STEP_METHODS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "r
                                        "implicit_adams")
 
 #: Nats between the held-out NLL on the training grid and the adaptive one above which the trainer
-#: warns that the model has begun to fit its grid.
+#: says the model has begun to fit its grid (and, with ``refine_grid``, halves the training step).
 GRID_GAP_WARNING = 0.01
+
+#: How many times the trainer may halve the training grid's step (4 RK4 steps become at most 32).
+MAX_GRID_REFINEMENTS = 3
 
 
 class TrainingError(RuntimeError):
@@ -87,6 +90,10 @@ class TrainConfig:
             to keep them at the end (early stopping without losing the schedule's end).
         patience: stop after this many evaluations without a better held-out NLL (``None``:
             never; needs ``keep_best``).
+        refine_grid: when an evaluation finds the held-out NLL on the fixed training grid more
+            than :data:`GRID_GAP_WARNING` nats from the adaptive one (the model has begun to fit
+            its grid), halve the training ``step_size`` from then on, at most
+            :data:`MAX_GRID_REFINEMENTS` times (``False``: only warn). Needs ``test_data``.
     """
 
     # The defaults are the 2-D recipe measured in benchmarks/ (bench_recipe.py, RECIPE.md): about
@@ -109,6 +116,7 @@ class TrainConfig:
     train_settings: dict[str, Any] = field(default_factory=lambda: dict(method="rk4", step_size=0.25))
     keep_best: bool = False
     patience: int | None = None
+    refine_grid: bool = True
 
     def __post_init__(self) -> None:
         bad_patience = int(self.patience) != self.patience or self.patience < 1 if self.patience is not None else False
@@ -189,14 +197,16 @@ class Trainer:
             ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``,
             and the objective's ``records``) and per evaluation (``eval_iteration``, ``test_nll``,
             ``eval_nfe``, and ``test_nll_grid``: the held-out NLL on the training grid, exact trace,
-            NaN unless the objective solves on a fixed-step grid in training; when it is more
-            than :data:`GRID_GAP_WARNING` nats from ``test_nll`` the trainer warns, once: the
-            model has begun to fit its grid).
+            NaN unless the objective solves on a fixed-step grid in training, and ``grid_step``:
+            the training step size in force up to that evaluation; when the two NLLs differ by
+            more than :data:`GRID_GAP_WARNING` nats the model has begun to fit its grid, and the
+            trainer halves the step (``config.refine_grid``) or warns).
         iteration: iterations done.
         generator: the CPU generator of batches and probes (seeded by ``config.seed``).
         best: with ``config.keep_best``, ``{"iteration", "nll", "state"}`` of the best held-out
             NLL so far (``state``: a copy of the model's state dict), else ``None``.
         stopped_early: ``True`` once ``config.patience`` evaluations in a row did not improve.
+        grid_step: the training solver's ``step_size`` now (halved by ``refine_grid``), or ``None``.
     """
 
     def __init__(
@@ -234,15 +244,17 @@ class Trainer:
         self._saved_at: int | None = None
         self.history: dict[str, list[float]] = {
             k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time", "lr",
-                            *self.objective.records, "eval_iteration", "test_nll", "eval_nfe", "test_nll_grid")
+                            *self.objective.records, "eval_iteration", "test_nll", "eval_nfe", "test_nll_grid",
+                            "grid_step")
         }
         self._warned_grid = False
+        self.grid_step: float | None = self.config.train_settings.get("step_size")
 
     # -- one step -------------------------------------------------------------------------------
     def _gradient(self) -> dict[str, float]:
         """Everything of one iteration before the optimizer step: the batch, the loss, its
         gradient (checked finite, clipped). Draws from the generator; changes no parameter."""
-        cfg = self.config
+        cfg = self._solve_config()
         lr = cfg.lr_at(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -285,6 +297,13 @@ class Trainer:
         if cfg.grad_clip is not None and params:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, total_norm)
         return dict(loss=loss.item(), lr=lr, nfe_backward=result.nfe_backward, **records)
+
+    def _solve_config(self) -> TrainConfig:
+        """The config with the training grid's step as refined so far (``config`` itself if never)."""
+        train = self.config.train_settings
+        if self.grid_step is None or train.get("step_size") == self.grid_step:
+            return self.config
+        return replace(self.config, train_settings={**train, "step_size": self.grid_step})
 
     def step(self) -> dict[str, float]:
         """One optimizer step; returns its loss, NLL, NFE and learning rate (not recorded in the
@@ -402,17 +421,30 @@ class Trainer:
             self.history["test_nll"].append(value)
             self.history["eval_nfe"].append(nfe)
             self.history["test_nll_grid"].append(grid_value)
-            if abs(grid_value - value) > GRID_GAP_WARNING and not self._warned_grid:
-                self._warned_grid = True
-                step = self.config.train_settings.get("step_size")
-                warnings.warn(
-                    f"at iteration {self.iteration} the held-out NLL on the training grid "
-                    f"({self.config.train_settings.get('method')}, step {step}) is {grid_value:.3f} nats and "
-                    f"{value:.3f} adaptively: the model has begun to fit its grid, a training device only (the "
-                    "adaptive value is the model's). A finer training grid (train_settings step_size "
-                    f"{step / 2 if step else 'smaller'}), a larger kinetic weight or fewer iterations keep "
-                    "the two together.", UserWarning, stacklevel=2)
+            self.history.setdefault("grid_step", []).append(self.grid_step)
+            if abs(grid_value - value) > GRID_GAP_WARNING:
+                self._on_grid_gap(grid_value, value)
         return value
+
+    def _on_grid_gap(self, grid_value: float, value: float) -> None:
+        """The model has begun to fit its training grid: halve the step (``refine_grid``, within
+        :data:`MAX_GRID_REFINEMENTS`) and say so, or warn once."""
+        method, step = self.config.train_settings.get("method"), self.grid_step
+        refinements = 0 if step is None else round(math.log2(self.config.train_settings["step_size"] / step))
+        found = (f"at iteration {self.iteration} the held-out NLL on the training grid ({method}, step {step}) "
+                 f"is {grid_value:.3f} nats and {value:.3f} adaptively: the model has begun to fit its grid, "
+                 "a training device only (the adaptive value is the model's)")
+        if self.config.refine_grid and step is not None and refinements < MAX_GRID_REFINEMENTS:
+            self.grid_step = step / 2
+            warnings.warn(f"{found}; training goes on with step {self.grid_step} (refine_grid=True, "
+                          f"refinement {refinements + 1} of at most {MAX_GRID_REFINEMENTS}).",
+                          UserWarning, stacklevel=4)
+        elif not self._warned_grid:
+            self._warned_grid = True
+            advice = ("the grid was refined as far as refine_grid goes" if self.config.refine_grid and step
+                      else f"a finer training grid (train_settings step_size {step / 2 if step else 'smaller'})")
+            warnings.warn(f"{found}. {advice[0].upper() + advice[1:]}; a larger kinetic weight or fewer "
+                          "iterations keep the two together.", UserWarning, stacklevel=4)
 
     def _grid_nll(self, data: Any) -> float:
         """Held-out NLL on the training solver's fixed grid (exact trace as in ``eval_settings``), or
@@ -421,7 +453,8 @@ class Trainer:
         if not getattr(self.objective, "solves_in_training", True) or train.get("method") not in FIXED_STEP_METHODS:
             return math.nan
         keep = ("method", "step_size")
-        grid = {**self.config.eval_settings, **{k: v for k, v in train.items() if k in keep}}
+        grid = {**self.config.eval_settings, **{k: v for k, v in self._solve_config().train_settings.items()
+                                                if k in keep}}
         generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1) + 1)
         value, _ = self.objective.evaluate(self.model, data, replace(self.config, eval_settings=grid), generator)
         return value
@@ -443,6 +476,7 @@ class Trainer:
             history=self.history,
             best=self.best,
             since_best=self._since_best,
+            grid_step=self.grid_step,
         )
 
     def _objective_config(self) -> dict[str, Any]:
@@ -480,7 +514,8 @@ class Trainer:
         diff = config_differences(state.get("objective_config", {}), self._objective_config())
         if diff:
             raise ValueError("the checkpoint trained another objective configuration; " + "; ".join(diff))
-        saved_cfg = {k: v for k, v in state["config"].items() if k not in _BOOKKEEPING}
+        # a checkpoint from before ``refine_grid`` existed trained without refinement
+        saved_cfg = {k: v for k, v in {"refine_grid": False, **state["config"]}.items() if k not in _BOOKKEEPING}
         my_cfg = {k: v for k, v in asdict(self.config).items() if k not in _BOOKKEEPING}
         diff = config_differences(saved_cfg, my_cfg)
         if diff:
@@ -498,6 +533,8 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.history.setdefault("test_nll_grid", [math.nan] * len(self.history["test_nll"]))
+        self.history.setdefault("grid_step", [self.config.train_settings.get("step_size")] * len(self.history["test_nll"]))
+        self.grid_step = state.get("grid_step", self.config.train_settings.get("step_size"))
         self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
         self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
         self._saved_at = self.iteration

@@ -468,3 +468,33 @@ def test_the_trainer_measures_the_training_grid_and_warns_when_the_model_departs
         warnings.simplefilter("error")
         h2 = adaptive.fit()
     assert math.isnan(h2["test_nll_grid"][-1])
+
+
+def test_the_trainer_halves_its_grid_step_when_the_model_departs_from_the_grid() -> None:
+    """A stiff linear field A = 24 I: one RK4 step of size -h multiplies x by the Taylor polynomial
+    P of e^z at z = -24 h, so on a grid of step h the map is x P^(1/h), far from e^-24 x until h is
+    small. Every evaluation finds a gap above GRID_GAP_WARNING: the step halves three times and
+    stops there."""
+    from cnf_lib import LinearField
+    from cnf_lib.train import MAX_GRID_REFINEMENTS
+
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    sq = x.double().pow(2).sum(1).mean().item()
+    kw = dict(iterations=5, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
+              train_settings=dict(method="rk4", step_size=1.0), progress=False)
+    trainer = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **kw)
+    with pytest.warns(UserWarning, match="training goes on with step 0.5"):
+        h = trainer.fit()
+    assert MAX_GRID_REFINEMENTS == 3 and h["grid_step"] == [1.0, 0.5, 0.25, 0.125, 0.125]
+    for step, grid_nll in zip(h["grid_step"], h["test_nll_grid"]):
+        z = -24 * step
+        c = (1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24) ** (1 / step)
+        # NLL = -log N(c x) + the integral of tr A = 48 (the same on any grid: tr A is constant)
+        assert grid_nll == pytest.approx(sq * c**2 / 2 + math.log(2 * math.pi) + 48, rel=1e-4)
+    # the training solves used the refined grid: four evaluations per RK4 step
+    assert h["nfe_forward"] == [4, 8, 16, 32, 32]
+    assert trainer.grid_step == 0.125
+    # refine_grid=False: the grid stays, one warning
+    fixed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, refine_grid=False, **kw)
+    with pytest.warns(UserWarning, match="A finer training grid"):
+        assert fixed.fit()["grid_step"] == [1.0] * 5
