@@ -533,8 +533,9 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.history.setdefault("test_nll_grid", [math.nan] * len(self.history["test_nll"]))
-        self.history.setdefault("grid_step", [self.config.train_settings.get("step_size")] * len(self.history["test_nll"]))
-        self.grid_step = state.get("grid_step", self.config.train_settings.get("step_size"))
+        first_step = self.config.train_settings.get("step_size")
+        self.history.setdefault("grid_step", [first_step] * len(self.history["test_nll"]))
+        self.grid_step = state.get("grid_step", first_step)
         self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
         self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
         self._saved_at = self.iteration
