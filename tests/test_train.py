@@ -494,6 +494,17 @@ def test_the_trainer_halves_its_grid_step_when_the_model_departs_from_the_grid()
     # the training solves used the refined grid: four evaluations per RK4 step
     assert h["nfe_forward"] == [4, 8, 16, 32, 32]
     assert trainer.grid_step == 0.125
+    # a checkpoint carries the refined step: stop after two iterations, resume, finish, same run
+    part = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **kw)
+    with pytest.warns(UserWarning, match="fit its grid"):
+        part.fit(until=2)
+    state = part.state_dict()
+    resumed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **kw)
+    resumed.load_state_dict(state)
+    assert resumed.grid_step == 0.25
+    with pytest.warns(UserWarning, match="fit its grid"):
+        assert resumed.fit()["grid_step"] == h["grid_step"]
+    assert resumed.history["nfe_forward"] == h["nfe_forward"]
     # refine_grid=False: the grid stays, one warning
     fixed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, refine_grid=False, **kw)
     with pytest.warns(UserWarning, match="A finer training grid"):
