@@ -119,7 +119,7 @@ def train_and_score(name: str, budget: int, seed: int, quick: bool) -> dict[str,
     torch.manual_seed(seed)
     model = CNF(dim, hidden=(64, 64, 64))
     iterations = (30 if quick else 600) * budget
-    trainer = Trainer(model, z_train, seed=seed, iterations=iterations, eval_every=0, progress=False)
+    trainer = Trainer(model, z_train, seed=seed, iterations=iterations, progress=False)
     with common.Timer() as t:
         trainer.fit()
     with torch.no_grad():

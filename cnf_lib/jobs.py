@@ -38,6 +38,8 @@ class TrainJob:
         config: :class:`TrainConfig` fields (``iterations``, ``kinetic``, ``seed``, ...).
         init_seed: ``torch.manual_seed`` before the model is built (its initial parameters).
         name: a label for the caller (not used for training).
+        objective: the :class:`~cnf_lib.train.Trainer`'s objective (``None``: maximum
+            likelihood), e.g. a :class:`~cnf_lib.matching.FlowMatching`; it must pickle.
     """
 
     data: str | Tensor
@@ -46,6 +48,7 @@ class TrainJob:
     config: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     name: str = ""
+    objective: Any = None
 
     def build(self) -> Trainer:
         """The :class:`Trainer` of this job, with a freshly initialized model, not yet trained."""
@@ -53,7 +56,8 @@ class TrainJob:
         dim = 2 if isinstance(self.data, str) else int(self.data.shape[1])
         torch.manual_seed(self.init_seed)
         model = CNF(dim, **self.model)
-        return Trainer(model, sampler_or_data, self.test_data, progress=False, **self.config)
+        return Trainer(model, sampler_or_data, self.test_data, progress=False, objective=self.objective,
+                       **self.config)
 
 
 def _run_job(job: TrainJob) -> tuple[bytes, float, float]:

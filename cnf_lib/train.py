@@ -44,7 +44,8 @@ from .cnf import SolverError
 from .objectives import MaximumLikelihood, Objective
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
-           "config_differences", "FIXED_STEP_METHODS", "GRID_GAP_WARNING", "MAX_GRID_REFINEMENTS"]
+           "config_differences", "FIXED_STEP_METHODS", "GRID_GAP_WARNING", "MAX_GRID_REFINEMENTS",
+           "GRID_CHECK_POINTS"]
 
 CHECKPOINT_FORMAT = "cnf_lib.trainer-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -62,6 +63,9 @@ GRID_GAP_WARNING = 0.01
 
 #: How many times the trainer may halve the training grid's step (4 RK4 steps become at most 32).
 MAX_GRID_REFINEMENTS = 3
+
+#: Training points on which the grid is checked when there is no ``test_data`` (maximum likelihood).
+GRID_CHECK_POINTS = 256
 
 
 class TrainingError(RuntimeError):
@@ -90,10 +94,12 @@ class TrainConfig:
             to keep them at the end (early stopping without losing the schedule's end).
         patience: stop after this many evaluations without a better held-out NLL (``None``:
             never; needs ``keep_best``).
-        refine_grid: when an evaluation finds the held-out NLL on the fixed training grid more
-            than :data:`GRID_GAP_WARNING` nats from the adaptive one (the model has begun to fit
-            its grid), halve the training ``step_size`` from then on, at most
-            :data:`MAX_GRID_REFINEMENTS` times (``False``: only warn). Needs ``test_data``.
+        refine_grid: when a check finds the NLL on the fixed training grid more than
+            :data:`GRID_GAP_WARNING` nats from the adaptive one (the model has begun to fit its
+            grid), halve the training ``step_size`` from then on, at most
+            :data:`MAX_GRID_REFINEMENTS` times (``False``: only warn). The check runs at every
+            evaluation: on ``test_data``, or without it (maximum likelihood) on
+            :data:`GRID_CHECK_POINTS` fixed training points.
     """
 
     # The defaults are the 2-D recipe measured in benchmarks/ (bench_recipe.py, RECIPE.md): about
@@ -197,10 +203,13 @@ class Trainer:
             ``cpu_time`` (cumulative wall-clock and CPU seconds of the training steps), ``lr``,
             and the objective's ``records``) and per evaluation (``eval_iteration``, ``test_nll``,
             ``eval_nfe``, and ``test_nll_grid``: the held-out NLL on the training grid, exact trace,
-            NaN unless the objective solves on a fixed-step grid in training, and ``grid_step``:
-            the training step size in force up to that evaluation; when the two NLLs differ by
-            more than :data:`GRID_GAP_WARNING` nats the model has begun to fit its grid, and the
-            trainer halves the step (``config.refine_grid``) or warns).
+            NaN unless the objective solves on a fixed-step grid in training) and per grid check
+            (``grid_check_iteration``, ``grid_gap``: the NLL on the training grid minus the
+            adaptive one, on the test data or on training points, and ``grid_step``: the training
+            step size in force up to that check; when ``|grid_gap|`` exceeds
+            :data:`GRID_GAP_WARNING` nats the model has begun to fit its grid, and the trainer
+            halves the step (``config.refine_grid``) or warns; a gap at the last iteration,
+            with no training left, is recorded only).
         iteration: iterations done.
         generator: the CPU generator of batches and probes (seeded by ``config.seed``).
         best: with ``config.keep_best``, ``{"iteration", "nll", "state"}`` of the best held-out
@@ -245,9 +254,10 @@ class Trainer:
         self.history: dict[str, list[float]] = {
             k: [] for k in ("iteration", "loss", "nll", "nfe_forward", "nfe_backward", "time", "cpu_time", "lr",
                             *self.objective.records, "eval_iteration", "test_nll", "eval_nfe", "test_nll_grid",
-                            "grid_step")
+                            "grid_check_iteration", "grid_gap", "grid_step")
         }
         self._warned_grid = False
+        self._check_points: Any = None
         self.grid_step: float | None = self.config.train_settings.get("step_size")
 
     # -- one step -------------------------------------------------------------------------------
@@ -346,6 +356,8 @@ class Trainer:
         evaluated = bool(h["eval_iteration"]) and h["eval_iteration"][-1] == self.iteration
         if self.test_data is not None and due and not evaluated:
             self._track_best(self.evaluate())
+        elif self.test_data is None and due and self._grid_checked_at() != self.iteration:
+            self._check_grid_on_training_points()
         due = (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
         if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
             self.save(self.checkpoint_path)
@@ -421,10 +433,38 @@ class Trainer:
             self.history["test_nll"].append(value)
             self.history["eval_nfe"].append(nfe)
             self.history["test_nll_grid"].append(grid_value)
-            self.history.setdefault("grid_step", []).append(self.grid_step)
-            if abs(grid_value - value) > GRID_GAP_WARNING:
-                self._on_grid_gap(grid_value, value)
+            self._record_grid_check(grid_value - value, value)
         return value
+
+    def _grid_checked_at(self) -> int | None:
+        checks = self.history.get("grid_check_iteration")
+        return checks[-1] if checks else None
+
+    def _record_grid_check(self, gap: float, value: float) -> None:
+        """Record a grid check (``gap`` = NLL on the training grid − adaptive NLL ``value``; NaN
+        when there is no grid) and act on a gap above :data:`GRID_GAP_WARNING`."""
+        if math.isnan(gap):
+            return
+        h = self.history
+        for key, v in (("grid_check_iteration", self.iteration), ("grid_gap", gap), ("grid_step", self.grid_step)):
+            h.setdefault(key, []).append(v)
+        # at the last iteration there is no training left to refine: the gap is recorded only
+        if abs(gap) > GRID_GAP_WARNING and self.iteration < self.config.iterations:
+            self._on_grid_gap(value + gap, value)
+
+    @torch.no_grad()
+    def _check_grid_on_training_points(self) -> None:
+        """Without test data: the grid check on :data:`GRID_CHECK_POINTS` training points drawn
+        once by a generator of their own (maximum likelihood only; training is not changed)."""
+        if not isinstance(self.objective, MaximumLikelihood) or math.isnan(self._grid_nll(None, dry=True)):
+            return
+        if self._check_points is None:
+            generator = torch.Generator().manual_seed(self.config.seed + 7_000_003)
+            self._check_points = self.objective.batch(self.train_data, GRID_CHECK_POINTS, generator)
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1))
+        value, _ = self.objective.evaluate(self.model, self._check_points, self.config, generator)
+        self._record_grid_check(self._grid_nll(self._check_points) - value, value)
 
     def _on_grid_gap(self, grid_value: float, value: float) -> None:
         """The model has begun to fit its training grid: halve the step (``refine_grid``, within
@@ -446,12 +486,15 @@ class Trainer:
             warnings.warn(f"{found}. {advice[0].upper() + advice[1:]}; a larger kinetic weight or fewer "
                           "iterations keep the two together.", UserWarning, stacklevel=4)
 
-    def _grid_nll(self, data: Any) -> float:
-        """Held-out NLL on the training solver's fixed grid (exact trace as in ``eval_settings``), or
-        NaN when the objective does not solve in training or trains with an adaptive solver."""
+    def _grid_nll(self, data: Any, dry: bool = False) -> float:
+        """NLL of ``data`` on the training solver's fixed grid (exact trace as in ``eval_settings``),
+        or NaN when the objective does not solve in training or trains with an adaptive solver
+        (``dry``: only that test, 0.0 when there is a grid)."""
         train = self.config.train_settings
         if not getattr(self.objective, "solves_in_training", True) or train.get("method") not in FIXED_STEP_METHODS:
             return math.nan
+        if dry:
+            return 0.0
         keep = ("method", "step_size")
         grid = {**self.config.eval_settings, **{k: v for k, v in self._solve_config().train_settings.items()
                                                 if k in keep}}
@@ -533,9 +576,9 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.history.setdefault("test_nll_grid", [math.nan] * len(self.history["test_nll"]))
-        first_step = self.config.train_settings.get("step_size")
-        self.history.setdefault("grid_step", [first_step] * len(self.history["test_nll"]))
-        self.grid_step = state.get("grid_step", first_step)
+        for key in ("grid_check_iteration", "grid_gap", "grid_step"):
+            self.history.setdefault(key, [])
+        self.grid_step = state.get("grid_step", self.config.train_settings.get("step_size"))
         self.best, self._since_best = state.get("best"), int(state.get("since_best", 0))
         self.stopped_early = self.config.patience is not None and self._since_best >= self.config.patience
         self._saved_at = self.iteration

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -287,12 +288,15 @@ def test_adjoint_backward_failure_is_a_training_error() -> None:
 
 def test_fit_jobs_in_workers_equals_training_here() -> None:
     from cnf_lib.jobs import TrainJob, fit_jobs
+    from cnf_lib.matching import FlowMatching
 
     data = gaussian_data(256, 0)
     jobs = [TrainJob(data=data, test_data=gaussian_data(64, 1), model=dict(hidden=(8,), rtol=1e-3, atol=1e-3),
                      config=dict(iterations=4, batch_size=64, eval_every=0, seed=s), init_seed=s, name=f"run{s}")
             for s in (0, 1)]
     jobs.append(TrainJob(data="moons", model=dict(hidden=(8,)), config=dict(iterations=2, batch_size=32, seed=2)))
+    jobs.append(TrainJob(data="moons", model=dict(hidden=(8,)), objective=FlowMatching(pairs="ot"),
+                         config=dict(iterations=3, batch_size=32, seed=3, kinetic=0.0)))
     here = fit_jobs(jobs, processes=1)
     there = fit_jobs(jobs, processes=2)
     for (a, wall, cpu), (b, _, _) in zip(here, there):
@@ -302,6 +306,7 @@ def test_fit_jobs_in_workers_equals_training_here() -> None:
         assert wall > 0 and cpu > 0
     assert here[0][0].history["loss"] != here[1][0].history["loss"]  # different seeds, different runs
     assert len(here[0][0].history["test_nll"]) == 1  # evaluated at the end
+    assert isinstance(there[3][0].objective, FlowMatching) and here[3][0].history["nfe_forward"] == [0, 0, 0]
     with pytest.raises(ValueError, match="at least one"):
         fit_jobs([])
     with pytest.raises(ValueError, match="processes"):
@@ -445,14 +450,13 @@ def test_the_trainer_measures_the_training_grid_and_warns_when_the_model_departs
     """A linear field A = 2I: the likelihood solves from the data back to the prior, and one RK4
     step of size -1 maps x to (1 - 2 + 2 - 4/3 + 2/3) x = x/3 instead of e⁻² x, so the NLL on that
     grid differs from the adaptive one by a closed form."""
-    import warnings
 
     from cnf_lib import LinearField
 
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
     model = CNF(2, field=LinearField(2 * torch.eye(2)))
-    trainer = Trainer(model, x, x, iterations=1, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
-                      train_settings=dict(method="rk4", step_size=1.0), progress=False)
+    trainer = Trainer(model, x, x, iterations=2, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
+                      train_settings=dict(method="rk4", step_size=1.0), progress=False, refine_grid=False)
     with pytest.warns(UserWarning, match="begun to fit its grid"):
         h = trainer.fit()
     # log p(x) = log N(M^-1 x) - log det M, M = c I: NLL(c) = mean|x|²/(2c²) + log(2π) + 2 log c
@@ -509,3 +513,33 @@ def test_the_trainer_halves_its_grid_step_when_the_model_departs_from_the_grid()
     fixed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, refine_grid=False, **kw)
     with pytest.warns(UserWarning, match="A finer training grid"):
         assert fixed.fit()["grid_step"] == [1.0] * 5
+    # a gap found at the last iteration is recorded, not acted on (no training is left)
+    last = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **{**kw, "iterations": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h1 = last.fit()
+    assert h1["grid_step"] == [1.0] and h1["grid_gap"][0] > 1e3 and last.grid_step == 1.0
+
+
+def test_without_test_data_the_grid_is_checked_on_fixed_training_points() -> None:
+    """No test data: the same closed form on the trainer's GRID_CHECK_POINTS training points."""
+    from cnf_lib import LinearField
+    from cnf_lib.train import GRID_CHECK_POINTS
+
+    x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, iterations=3, lr=1e-12, lr_final=1e-12,
+                      kinetic=0.0, eval_every=1, train_settings=dict(method="rk4", step_size=1.0), progress=False)
+    with pytest.warns(UserWarning, match="training goes on with step 0.25"):
+        h = trainer.fit()
+    points = trainer._check_points
+    assert points.shape == (GRID_CHECK_POINTS, 2) and h["test_nll"] == []
+    sq = points.double().pow(2).sum(1).mean().item()
+    assert h["grid_check_iteration"] == [1, 2, 3] and h["grid_step"] == [1.0, 0.5, 0.25]
+    for step, gap in zip(h["grid_step"], h["grid_gap"]):
+        z = -24 * step
+        c = (1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24) ** (1 / step)
+        assert gap == pytest.approx(sq * (c**2 - math.exp(-48)) / 2, rel=1e-4)
+    # a trainer with an adaptive training solver has no grid to check
+    adaptive = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, iterations=1, lr=1e-12, lr_final=1e-12,
+                       kinetic=0.0, eval_every=1, train_settings=dict(method="dopri5"), progress=False)
+    assert adaptive.fit()["grid_gap"] == []
