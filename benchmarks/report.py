@@ -7,6 +7,12 @@ from typing import Any
 from common import table
 
 
+def _settings(d: dict[str, Any]) -> str:
+    """``{'method': 'rk4', 'step_size': 0.25}`` → ``method rk4, step size 0.25`` (for prose)."""
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                     for k, v in d.items())
+
+
 def _header(r: dict[str, Any]) -> list[str]:
     m, v = r["machine"], r["versions"]
     out = [
@@ -71,7 +77,7 @@ def _recipe(rc: dict[str, Any]) -> list[str]:
         "",
         f"Recipe: ConcatSquash {'-'.join(map(str, rec['hidden']))} {rec['activation']}, batch "
         f"{rec['batch_size']}, Adam {rec['lr']:g} cosine to {rec['lr_final']:g}, {rec['iterations']} "
-        f"iterations, training solver {rec['train_settings']}, kinetic {rec['kinetic']:g}, "
+        f"iterations, training solver: {_settings(rec['train_settings'])}; kinetic {rec['kinetic']:g}, "
         f"Frobenius {rec['frobenius']:g}, gradient norm clipped at {rec.get('grad_clip')}. Test NLL: 5,000 "
         "held-out points, exact trace, dopri5 at 1e-5. "
         "Reference: the issue's tuned simple recipe (batch 512, Adam 5e-3 → 5e-4, 500 iterations, "
@@ -100,7 +106,7 @@ def _recipe(rc: dict[str, Any]) -> list[str]:
     if "pitfall" in rc:
         p = rc["pitfall"]
         out += [
-            f"A grid too coarse is no shortcut: the recipe on 8 Gaussians with {p['settings']} for "
+            f"A grid too coarse is no shortcut: the recipe on 8 Gaussians with {_settings(p['settings'])} for "
             f"{p['iterations']} iterations ({p['train_wall']:.1f} s, NFE {p['nfe_last']:.0f}) reads a gap of "
             f"{p['gap_on_own_grid']:.3f} nats on its own grid but {p['gap']:.3f} with dopri5 at 1e-5 "
             f"({p['check_gap']:.3f} with the fine RK4 check).",
@@ -113,7 +119,8 @@ def _peer(pr: dict[str, Any]) -> list[str]:
     out = [
         "## cnf_lib against zuko at equal settings (`bench_peer.py`)",
         "",
-        f"zuko {pr['zuko_version']} `zuko.flows.CNF` and cnf_lib's `CNF`: hidden {pr['hidden']}, tanh, batch "
+        f"zuko {pr['zuko_version']} `zuko.flows.CNF` and cnf_lib's `CNF`: hidden "
+        f"{'-'.join(map(str, pr['hidden']))}, tanh, batch "
         f"{pr['batch']}, dopri5 at rtol = atol = {pr['tol']:g}, Adam {pr['lr']:g} cosine to {pr['lr_final']:g}, "
         "no regularization, trained side by side on the same batches. Per iteration: medians over "
         f"{pr['timing_iterations']} iterations from initialization.",
@@ -150,7 +157,7 @@ def _trace(tr: dict[str, Any]) -> list[str]:
     return [
         "## Exact trace against Hutchinson, per evaluation (`bench_trace.py`)",
         "",
-        f"One evaluation of the field (ConcatSquash {tr['hidden']}, tanh) and its divergence for "
+        f"One evaluation of the field (ConcatSquash {'-'.join(map(str, tr['hidden']))}, tanh) and its divergence for "
         f"{tr['batch']} points; training = forward and backward, inference = no graph. Exact by autograd "
         "= D vector-Jacobian products; exact forward-mode = the field's own Jacobian propagation; "
         "Hutchinson by one vector-Jacobian product (autograd) or one forward tangent (forward-mode, the "
@@ -230,12 +237,17 @@ def html(lines: list[str]) -> str:
     out: list[str] = []
     rows: list[list[str]] = []
 
+    # padded cells (the book's theme gives a bare <table> none, so numbers ran together) in a box that
+    # scrolls sideways when a table is wider than the page
+    cell = 'style="padding:.2em .6em"'
+
     def flush() -> None:
         if rows:
             head, body = rows[0], rows[2:]
-            out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table>")
+            out.append('<div style="overflow-x:auto"><table class="table">'
+                       + "<thead><tr>" + "".join(f"<th {cell}>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td {cell}>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table></div>")
             rows.clear()
 
     for line in "\n".join(lines).split("\n"):
