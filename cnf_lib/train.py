@@ -258,6 +258,7 @@ class Trainer:
         }
         self._warned_grid = False
         self._check_points: Any = None
+        self._grid_gap_found: tuple[float, float, str] | None = None
         self.grid_step: float | None = self.config.train_settings.get("step_size")
 
     # -- one step -------------------------------------------------------------------------------
@@ -358,6 +359,10 @@ class Trainer:
             self._track_best(self.evaluate())
         elif self.test_data is None and due and self._grid_checked_at() != self.iteration:
             self._check_grid_on_training_points()
+        gap, self._grid_gap_found = self._grid_gap_found, None
+        # at the last iteration there is no training left to refine: the gap is recorded only
+        if gap is not None and not last:
+            self._on_grid_gap(*gap)
         due = (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or last
         if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
             self.save(self.checkpoint_path)
@@ -433,26 +438,25 @@ class Trainer:
             self.history["test_nll"].append(value)
             self.history["eval_nfe"].append(nfe)
             self.history["test_nll_grid"].append(grid_value)
-            self._record_grid_check(grid_value - value, value)
+            self._record_grid_check(grid_value - value, value, "the test data")
         return value
 
     def _grid_checked_at(self) -> int | None:
         checks = self.history.get("grid_check_iteration")
         return checks[-1] if checks else None
 
-    def _record_grid_check(self, gap: float, value: float) -> None:
-        """Record a grid check (``gap`` = NLL on the training grid − adaptive NLL ``value``; NaN
-        when there is no grid) and act on a gap above :data:`GRID_GAP_WARNING`."""
+    def _record_grid_check(self, gap: float, value: float, where: str) -> None:
+        """Record a grid check (``gap`` = NLL of ``where`` on the training grid − adaptive NLL
+        ``value``; NaN when there is no grid); a gap above :data:`GRID_GAP_WARNING` is acted on
+        when the iteration finishes."""
         if math.isnan(gap):
             return
         h = self.history
         for key, v in (("grid_check_iteration", self.iteration), ("grid_gap", gap), ("grid_step", self.grid_step)):
             h.setdefault(key, []).append(v)
-        # at the last iteration there is no training left to refine: the gap is recorded only
-        if abs(gap) > GRID_GAP_WARNING and self.iteration < self.config.iterations:
-            self._on_grid_gap(value + gap, value)
+        if abs(gap) > GRID_GAP_WARNING:
+            self._grid_gap_found = (value + gap, value, where)
 
-    @torch.no_grad()
     def _check_grid_on_training_points(self) -> None:
         """Without test data: the grid check on :data:`GRID_CHECK_POINTS` training points drawn
         once by a generator of their own (maximum likelihood only; training is not changed)."""
@@ -463,17 +467,20 @@ class Trainer:
             self._check_points = self.objective.batch(self.train_data, GRID_CHECK_POINTS, generator)
         self.model.eval()
         generator = torch.Generator().manual_seed(self.config.seed + 1_000_003 * (self.iteration + 1))
-        value, _ = self.objective.evaluate(self.model, self._check_points, self.config, generator)
-        self._record_grid_check(self._grid_nll(self._check_points) - value, value)
+        with torch.no_grad():
+            value, _ = self.objective.evaluate(self.model, self._check_points, self.config, generator)
+            gap = self._grid_nll(self._check_points) - value
+        self._record_grid_check(gap, value, f"{len(self._check_points)} training points")
 
-    def _on_grid_gap(self, grid_value: float, value: float) -> None:
+    def _on_grid_gap(self, grid_value: float, value: float, where: str) -> None:
         """The model has begun to fit its training grid: halve the step (``refine_grid``, within
-        :data:`MAX_GRID_REFINEMENTS`) and say so, or warn once."""
+        :data:`MAX_GRID_REFINEMENTS`) and say so, or warn once. Called by ``_finish_iteration``
+        only (the warnings point at the caller of :meth:`fit`)."""
         method, step = self.config.train_settings.get("method"), self.grid_step
         refinements = 0 if step is None else round(math.log2(self.config.train_settings["step_size"] / step))
-        found = (f"at iteration {self.iteration} the held-out NLL on the training grid ({method}, step {step}) "
-                 f"is {grid_value:.3f} nats and {value:.3f} adaptively: the model has begun to fit its grid, "
-                 "a training device only (the adaptive value is the model's)")
+        found = (f"at iteration {self.iteration} the NLL of {where} on the training grid ({method}, step "
+                 f"{step}) is {grid_value:.3f} nats and {value:.3f} adaptively: the model has begun to fit its "
+                 "grid, a training device only (the adaptive value is the model's)")
         if self.config.refine_grid and step is not None and refinements < MAX_GRID_REFINEMENTS:
             self.grid_step = step / 2
             warnings.warn(f"{found}; training goes on with step {self.grid_step} (refine_grid=True, "
