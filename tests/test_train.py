@@ -485,7 +485,7 @@ def test_the_trainer_halves_its_grid_step_when_the_model_departs_from_the_grid()
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
     sq = x.double().pow(2).sum(1).mean().item()
     kw = dict(iterations=5, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
-              train_settings=dict(method="rk4", step_size=1.0), progress=False)
+              train_settings=dict(method="rk4", step_size=1.0), progress=False, refine_grid=True)
     trainer = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **kw)
     with pytest.warns(UserWarning, match="training goes on with step 0.5"):
         h = trainer.fit()
@@ -510,7 +510,7 @@ def test_the_trainer_halves_its_grid_step_when_the_model_departs_from_the_grid()
         assert resumed.fit()["grid_step"] == h["grid_step"]
     assert resumed.history["nfe_forward"] == h["nfe_forward"]
     # refine_grid=False: the grid stays, one warning
-    fixed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, refine_grid=False, **kw)
+    fixed = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, x, **{**kw, "refine_grid": False})
     with pytest.warns(UserWarning, match="A finer training grid"):
         assert fixed.fit()["grid_step"] == [1.0] * 5
     # a gap found at the last iteration is recorded, not acted on (no training is left)
@@ -528,7 +528,8 @@ def test_without_test_data_the_grid_is_checked_on_fixed_training_points() -> Non
 
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
     trainer = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, iterations=3, lr=1e-12, lr_final=1e-12,
-                      kinetic=0.0, eval_every=1, train_settings=dict(method="rk4", step_size=1.0), progress=False)
+                      kinetic=0.0, eval_every=1, train_settings=dict(method="rk4", step_size=1.0), progress=False,
+                      refine_grid=True)
     with pytest.warns(UserWarning, match="training goes on with step 0.25"):
         h = trainer.fit()
     points = trainer._check_points
