@@ -463,7 +463,7 @@ class Trainer:
     def _check_grid_on_training_points(self) -> None:
         """Without test data: the grid check on :data:`GRID_CHECK_POINTS` training points drawn
         once by a generator of their own (maximum likelihood only; training is not changed)."""
-        if not isinstance(self.objective, MaximumLikelihood) or math.isnan(self._grid_nll(None, dry=True)):
+        if not isinstance(self.objective, MaximumLikelihood) or not self._has_training_grid():
             return
         if self._check_points is None:
             generator = torch.Generator().manual_seed(self.config.seed + 7_000_003)
@@ -496,15 +496,16 @@ class Trainer:
             warnings.warn(f"{found}. {advice[0].upper() + advice[1:]}; a larger kinetic weight or fewer "
                           "iterations keep the two together.", UserWarning, stacklevel=4)
 
-    def _grid_nll(self, data: Any, dry: bool = False) -> float:
+    def _has_training_grid(self) -> bool:
+        """Whether the objective solves in training on a fixed-step grid (one a model can learn)."""
+        return (getattr(self.objective, "solves_in_training", True)
+                and self.config.train_settings.get("method") in FIXED_STEP_METHODS)
+
+    def _grid_nll(self, data: Any) -> float:
         """NLL of ``data`` on the training solver's fixed grid (exact trace as in ``eval_settings``),
-        or NaN when the objective does not solve in training or trains with an adaptive solver
-        (``dry``: only that test, 0.0 when there is a grid)."""
-        train = self.config.train_settings
-        if not getattr(self.objective, "solves_in_training", True) or train.get("method") not in FIXED_STEP_METHODS:
+        or NaN when there is no training grid (:meth:`_has_training_grid`)."""
+        if not self._has_training_grid():
             return math.nan
-        if dry:
-            return 0.0
         keep = ("method", "step_size")
         grid = {**self.config.eval_settings, **{k: v for k, v in self._solve_config().train_settings.items()
                                                 if k in keep}}
