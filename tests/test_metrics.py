@@ -256,3 +256,64 @@ def test_drawing_from_a_plan_with_more_than_2_to_the_24_entries_works() -> None:
     draws = categorical(weights, 4000, torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {3, 2**24 + 9}
     assert (draws == 3).double().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+# ------------------------------------------------------- clouds too large to solve exactly
+
+
+def test_exact_problems_above_the_limit_are_refused_with_the_way_out(monkeypatch) -> None:
+    import cnf_lib.metrics as metrics
+
+    monkeypatch.setattr(metrics, "EXACT_MAX_PAIRS", 99)
+    x = np.zeros((10, 2))
+    with pytest.raises(ValueError, match="too large for an exact transport problem.*wasserstein_quantized"):
+        metrics.wasserstein(x, x)
+    with pytest.raises(ValueError, match="quantize"):
+        metrics.ot_interpolate(x, x, 0.5)
+    assert metrics.wasserstein(x[:9], x[:11]) == 0.0  # 99 pairs: still exact
+
+
+def test_quantize_keeps_mass_and_its_error_bounds_the_distance_to_the_centres(rng) -> None:
+    from cnf_lib.metrics import quantize
+
+    x = rng.normal(size=(400, 3)) * [3.0, 1.0, 0.5]
+    a = rng.uniform(0.5, 2.0, size=400)
+    q = quantize(x, 30, a=a, seed=0)
+    assert len(q.centres) <= 30 and q.weights.sum() == pytest.approx(1.0)
+    assert (q.weights > 0).all() and q.labels.max() == len(q.centres) - 1
+    # each centre's weight is the mass of its points; distances are to the assigned centre
+    np.testing.assert_allclose(q.weights, np.bincount(q.labels, weights=a / a.sum()))
+    np.testing.assert_allclose(q.distances, np.linalg.norm(x - q.centres[q.labels], axis=1))
+    for p in (1, 2):
+        assert wasserstein(x, q.centres, p=p, a=a, b=q.weights) <= q.error(p) + 1e-9
+    again = quantize(x, 30, a=a, seed=0)
+    assert np.array_equal(again.centres, q.centres)  # seeded: deterministic
+    small = quantize(x[:20], 30)
+    assert np.array_equal(small.centres, x[:20]) and small.error(1) == 0.0
+    with pytest.raises(ValueError, match="n_centres must be a positive integer"):
+        quantize(x, 0)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_quantized_distance_brackets_the_exact_one(rng, p) -> None:
+    from cnf_lib.metrics import wasserstein_quantized
+
+    x = rng.normal(size=(300, 2)) * [2.0, 0.5]
+    y = rng.normal(size=(250, 2)) + [1.0, 2.0]
+    exact = wasserstein(x, y, p=p)
+    q = wasserstein_quantized(x, y, p=p, n_centres=40)
+    assert q.n_centres[0] <= 40 and q.n_centres[1] <= 40
+    assert q.lower <= exact + 1e-9 and exact <= q.upper + 1e-9
+    assert q.upper - q.lower < 0.5 * exact  # and the bracket is informative here
+    whole = wasserstein_quantized(x, y, p=p, n_centres=300)  # no reduction: all three agree
+    assert whole.value == pytest.approx(exact, rel=1e-9)
+    assert whole.lower == pytest.approx(exact, rel=1e-6) and whole.upper == pytest.approx(exact, rel=1e-9)
+
+
+def test_weighted_ot_interpolation_of_centres_carries_their_weights(rng) -> None:
+    x0, x1 = rng.normal(size=(5, 2)), rng.normal(size=(6, 2)) + 2.0
+    a, b = rng.uniform(size=5), rng.uniform(size=6)
+    pts, w = ot_interpolate(x0, x1, 0.0, return_weights=True, a=a, b=b)
+    assert wasserstein(pts, x0, a=w, b=a) == pytest.approx(0.0, abs=1e-6)
+    pts1, w1 = ot_interpolate(x0, x1, 1.0, return_weights=True, a=a, b=b)
+    assert wasserstein(pts1, x1, a=w1, b=b) == pytest.approx(0.0, abs=1e-6)
