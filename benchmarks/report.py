@@ -211,10 +211,31 @@ def _cells(c: dict[str, Any]) -> list[str]:
     ]
 
 
+def _timecourse(tc: dict[str, Any]) -> list[str]:
+    def w1(d: dict[str, Any]) -> str:
+        return f"{d['w1']:.3f}" if d["exact"] else f"{d['w1']:.3f} [{d['lower']:.3f}, {d['upper']:.3f}]"
+
+    rows = [[f"{r['cells']:,}", r["iterations"], r["fit_cpu"], r["push_cpu"], r["ot_cpu"], r["w1_cpu"],
+             w1(r["cnf"]), w1(r["ot"])] for r in tc["rows"]]
+    return [
+        "## A time course of up to 20,000 cells a day (`bench_timecourse.py`)",
+        "",
+        f"Chapter 7's simulated course, day {tc['held_out']:g} held out (PCA without it); `fit_trajectories` "
+        "with its defaults (5 principal components); the day before pushed to the held-out time; W1 to the "
+        f"held-out cells exact up to {tc['exact_max_pairs']:.0e} cell pairs, above that between "
+        f"{tc['n_centres']:,} weighted k-means centres a side with certified [lower, upper] bounds (OT "
+        "interpolation there between the neighbours' centres).",
+        "",
+        table(["cells a day", "iterations", "fit CPU s", "push CPU s", "OT interp. CPU s", "W1 CPU s", "W1 CNF",
+               "W1 OT interpolation"], rows, 3),
+        "",
+    ]
+
+
 def markdown(r: dict[str, Any]) -> str:
     out = _header(r)
     for key, fn in (("profile", _profile), ("recipe", _recipe), ("peer", _peer), ("trace", _trace),
-                    ("heldout", _heldout), ("cells", _cells), ("book", _book)):
+                    ("heldout", _heldout), ("cells", _cells), ("timecourse", _timecourse), ("book", _book)):
         if key in r:
             section = fn(r[key])
             if r[key].get("date"):  # a partial run (--only) refreshes some sections, not all
