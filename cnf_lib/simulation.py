@@ -3,6 +3,8 @@ r"""A simulated single-cell time course whose true cell paths are known (chapter
 * :func:`simulate_differentiation` — a branching differentiation: a stochastic process in a
   two-dimensional latent landscape (a pitchfork), mapped to gene counts with Poisson sampling
   noise, returned as an :class:`~anndata.AnnData` with a time column;
+* :func:`simulate_three_fates` — a second course of another geometry: three fates on curved
+  arms, more genes, negative-binomial counts and unequal numbers of cells per time point;
 * :func:`preprocess` — processes it the way a single-cell user processes real data (scanpy's
   ``normalize_total``, ``log1p``, ``pca``);
 * :func:`true_paths` — the known latent paths in the same representation;
@@ -29,8 +31,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # for type hints only (the functions that build AnnData objects import it)
     from anndata import AnnData
 
-__all__ = ["SIMULATION_KEY", "PREPROCESS_KEY", "simulate_differentiation", "preprocess", "preprocess_holding_out",
-           "true_paths", "project_counts"]
+__all__ = ["SIMULATION_KEY", "PREPROCESS_KEY", "simulate_differentiation", "simulate_three_fates", "preprocess",
+           "preprocess_holding_out", "true_paths", "project_counts"]
 
 #: ``adata.uns`` key of :func:`simulate_differentiation`'s ground truth (latent paths, gene map).
 SIMULATION_KEY = "simulation"
@@ -38,6 +40,8 @@ SIMULATION_KEY = "simulation"
 PREPROCESS_KEY = "timecourse_preprocess"
 
 _PROGRAMS = ("early", "late", "branch A", "branch B", "primed A", "primed B", "housekeeping")
+_PROGRAMS_3 = ("early", "late", "fate A", "fate B", "fate C", "primed A", "primed C", "housekeeping")
+_FATES = ("A", "B", "C")
 
 
 # ==============================================================================================
@@ -206,6 +210,218 @@ def simulate_differentiation(
     return adata
 
 
+def _fate_drift(v: np.ndarray) -> np.ndarray:
+    r"""The pull of three fate wells at ``v = 1, 0, -1`` (barriers at ``±1/2``), shape of ``v``.
+
+    :math:`g(v) = -v\,(4v^2 - 1)(v^2 - 1)`: zero at the wells and the barriers, restoring beyond
+    :math:`\pm 1`.
+    """
+    return -v * (4.0 * v**2 - 1.0) * (v**2 - 1.0)
+
+
+def _curved_arms(u: np.ndarray, v: np.ndarray, branch_point: float, spread: float, bend: float,
+                 prime: float) -> np.ndarray:
+    r"""Maps maturation ``u`` and fate ``v`` (same shapes) to the gene-reading latent ``z``, (..., 2).
+
+    Before the branch point the cells lie on a line, ``z = (u, prime * v)``; past it, a cell that
+    has matured :math:`s = u - u_c` moves on a circular arc of curvature ``bend`` leaving the
+    branch point at the angle :math:`\theta = \text{spread} \cdot v`: the three wells of ``v``
+    become three curved arms (all bending the same way, like the blades of a fan).
+    """
+    s = np.maximum(u - branch_point, 0.0)
+    theta = spread * v
+    if bend == 0.0:
+        dx, dy = s * np.cos(theta), s * np.sin(theta)
+    else:
+        dx = (np.sin(theta + bend * s) - np.sin(theta)) / bend
+        dy = (np.cos(theta) - np.cos(theta + bend * s)) / bend
+    x = np.minimum(u, branch_point) + dx
+    return np.stack([x, prime * v + dy], axis=-1)
+
+
+def _gene_programs_3(n_genes: int, arm_ends: np.ndarray, branch: np.ndarray,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Gene programs of :func:`simulate_three_fates` (the map that :func:`_expression_fractions` reads).
+
+    early: on while z_1 is small; late: on once z_1 is large; fate A / B / C: on far out along one
+    arm (the direction from the branch point to the arm's end, sharp); primed A / C: graded in
+    z_2 from the start; housekeeping: constant. ``arm_ends``: (3, 2) ends of the arms A, B, C;
+    ``branch``: (2,) the branch point.
+    """
+    arms = arm_ends - branch
+    length = np.linalg.norm(arms, axis=1)
+    unit = arms / length[:, None]
+    directions = np.array([[-1.0, 0.0], [1.0, 0.0], *unit, [0.0, 1.0], [0.0, -1.0], [0.0, 0.0]])
+    # a fate gene switches on between 40 and 80 % of the way out along its arm
+    reach = unit @ branch
+    lo = np.array([-1.5, 1.0, *(reach + 0.4 * length), 0.0, 0.0, 0.0])
+    hi = np.array([0.0, 3.5, *(reach + 0.8 * length), 0.0, 0.0, 0.0])
+    steep_lo = np.array([1.0, 1.0, 2.0, 2.0, 2.0, 1.5, 1.5, 0.0])
+    steep_hi = np.array([2.0, 2.0, 3.5, 3.5, 3.5, 2.5, 2.5, 0.0])
+    program = np.arange(n_genes) % len(_PROGRAMS_3)
+    active = program < len(_PROGRAMS_3) - 1
+    direction = directions[program] + rng.normal(0.0, 0.1, size=(n_genes, 2)) * active[:, None]
+    threshold = rng.uniform(lo[program], hi[program])
+    steepness = rng.uniform(steep_lo[program], steep_hi[program])
+    amplitude = rng.uniform(1.5, 3.0, size=n_genes) * active
+    baseline = rng.normal(0.0, 0.5, size=n_genes)
+    return dict(program=program, direction=direction, threshold=threshold, amplitude=amplitude,
+                baseline=baseline, steepness=steepness)
+
+
+def simulate_three_fates(
+    n_cells: int | Sequence[int] = (260, 300, 340, 280, 320, 300),
+    times: Sequence[float] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0),
+    n_genes: int = 200,
+    *,
+    library_size: float = 5000.0,
+    dispersion: float = 5.0,
+    noise: float = 0.05,
+    start_spread: tuple[float, float] = (0.15, 0.75),
+    speed_spread: float = 0.15,
+    branch_point: float = 1.5,
+    pull: float = 3.0,
+    spread: float = 0.8,
+    bend: float = 0.35,
+    prime: float = 0.3,
+    record_dt: float = 0.05,
+    seed: int = 0,
+    gene_seed: int = 0,
+) -> AnnData:
+    r"""Simulates a differentiation into three fates along curved arms (a second geometry).
+
+    Each cell carries a maturation :math:`u` and a fate :math:`v`; Euler–Maruyama steps of
+    :math:`dt = 0.01` integrate
+
+    .. math:: du = r_i\, dt + \sigma\, dW_1, \qquad
+              dv = k\, (u - u_c)_+\, g(v)\, dt + \sigma\, dW_2, \qquad
+              g(v) = -v\,(4v^2 - 1)(v^2 - 1),
+
+    so before the branch point :math:`u_c` the fate drifts freely (a bias present from the start,
+    :math:`v \sim \mathcal N(0, s_v^2)`), and after it :math:`v` settles, ever more firmly, into
+    one of three wells, :math:`v = 1` (fate "A"), 0 ("B"), :math:`-1` ("C"). The genes read a
+    latent position :math:`z` (2-D): before the branch point :math:`z = (u, p\, v)`; past it a
+    cell moves on a circular arc of curvature ``bend``, leaving the branch point at the angle
+    ``spread`` :math:`\cdot\, v`, so the three fates are three curved arms. Gene programs (early,
+    late, fate A, fate B, fate C, primed A, primed C, housekeeping) map :math:`z` to expression as
+    in :func:`simulate_differentiation`, and a cell's counts are **negative binomial** (a
+    gamma–Poisson mixture: mean :math:`\mu`, variance :math:`\mu + \mu^2/\theta`) with a
+    log-normal library size. Cells are simulated per time point, each on its own path, and
+    observed at that time only; the whole latent path stays known.
+
+    Arguments:
+        n_cells: cells per time point: one integer for all, or one per time point.
+        times: the snapshot times, increasing, :math:`\geq 0`, on the record grid.
+        n_genes: number of genes (at least 8, one per program).
+        library_size: median total counts of a cell.
+        dispersion: :math:`\theta > 0`; smaller is noisier (``inf`` gives Poisson counts).
+        noise: :math:`\sigma`, the diffusion of :math:`(u, v)`.
+        start_spread: :math:`(s_u, s_v)`, the spread of the starting :math:`(u, v)`.
+        speed_spread: :math:`s_r`, speeds :math:`r_i \sim \mathcal N(1, s_r^2)`.
+        branch_point: :math:`u_c`.
+        pull: :math:`k`, how fast the wells deepen past the branch point.
+        spread: the angle (radians) between neighbouring arms where they leave the branch point.
+        bend: the arms' curvature (1/length); 0 gives straight arms.
+        prime: :math:`p`, how much of the early fate bias the genes see.
+        record_dt: spacing of the recorded path grid (a multiple of the step 0.01).
+        seed: seeds the cells (paths, library sizes, counts).
+        gene_seed: seeds the gene map (same ``gene_seed``, other ``seed``: a replicate).
+
+    Returns:
+        An AnnData laid out as :func:`simulate_differentiation`'s: counts in ``X`` (float32) and
+        ``layers["counts"]``, ``obs["time"]``, ``obs["fate"]`` ("A"/"B"/"C": the well nearest to
+        the cell's :math:`v` at the last time), ``obsm["latent"]`` (:math:`z` at the cell's own
+        time, (n, 2)), ``obsm["state"]`` (:math:`(u, v)` there, (n, 2)), ``var["program"]`` and
+        ``uns["simulation"]`` with ``path_times`` (G,), ``paths`` of :math:`z` (n, G, 2), the gene
+        map and the settings, so that :func:`true_paths`, :func:`project_counts` and
+        :func:`preprocess_holding_out` work on it unchanged.
+
+    Raises:
+        ValueError: bad times, cell numbers, gene number, dispersion or record step.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    times_arr = np.asarray(times, dtype=np.float64).reshape(-1)
+    if times_arr.size < 2 or not np.all(np.diff(times_arr) > 0) or times_arr[0] < 0:
+        raise ValueError(f"times must be at least 2 increasing values >= 0, got {list(times_arr)}")
+    per_day = np.atleast_1d(np.asarray(n_cells))
+    if per_day.size == 1:
+        per_day = np.repeat(per_day, times_arr.size)
+    if per_day.ndim != 1 or per_day.size != times_arr.size:
+        raise ValueError(f"n_cells must be one integer or one per time point ({times_arr.size}), got {n_cells!r}")
+    if not np.all(np.mod(per_day, 1) == 0) or (per_day < 2).any():
+        raise ValueError(f"n_cells must be integers >= 2, got {n_cells!r}")
+    per_day = per_day.astype(int)
+    if int(n_genes) != n_genes or n_genes < len(_PROGRAMS_3):
+        raise ValueError(f"n_genes must be an integer >= {len(_PROGRAMS_3)} (one per program), got {n_genes!r}")
+    if not dispersion > 0:
+        raise ValueError(f"dispersion must be > 0 (np.inf for Poisson counts), got {dispersion!r}")
+    dt = 0.01
+    every = round(record_dt / dt)
+    if every < 1 or abs(every * dt - record_dt) > 1e-9:
+        raise ValueError(f"record_dt must be a positive multiple of {dt}, got {record_dt}")
+    if np.any(np.abs(times_arr / record_dt - np.round(times_arr / record_dt)) > 1e-6):
+        raise ValueError(f"the times {list(times_arr)} must lie on the record grid (multiples of {record_dt})")
+
+    rng = np.random.default_rng(seed)
+    n_genes = int(n_genes)
+    n_total = int(per_day.sum())
+    n_steps = round(times_arr[-1] / dt)
+    grid = np.arange(0, n_steps + 1, every) * dt
+
+    state = rng.normal(0.0, 1.0, size=(n_total, 2)) * np.asarray(start_spread, dtype=np.float64)
+    speed = 1.0 + speed_spread * rng.normal(size=n_total)
+    states = np.empty((n_total, len(grid), 2))
+    states[:, 0] = state
+    sq = noise * math.sqrt(dt)
+    for step in range(1, n_steps + 1):
+        u, v = state[:, 0], state[:, 1]
+        drift = np.stack([speed, pull * np.maximum(u - branch_point, 0.0) * _fate_drift(v)], axis=1)
+        state = state + drift * dt + sq * rng.normal(size=state.shape)
+        if step % every == 0:
+            states[:, step // every] = state
+    arm_settings = dict(branch_point=branch_point, spread=spread, bend=bend, prime=prime)
+    paths = _curved_arms(states[..., 0], states[..., 1], **arm_settings)
+
+    time_of_cell = np.repeat(times_arr, per_day)
+    grid_index = np.round(time_of_cell / record_dt).astype(int)
+    latent = paths[np.arange(n_total), grid_index]
+
+    # the arms' ends: where a cell of mean speed in each well is at the last time
+    wells = np.array([1.0, 0.0, -1.0])
+    ends = _curved_arms(np.full(3, times_arr[-1]), wells, **arm_settings)
+    branch = _curved_arms(np.array(branch_point), np.array(0.0), **arm_settings)
+    genes = _gene_programs_3(n_genes, ends, branch, np.random.default_rng(gene_seed))
+    fractions = _expression_fractions(latent, genes)
+    library = library_size * np.exp(rng.normal(0.0, 0.25, size=n_total))
+    mean = library[:, None] * fractions
+    rate = mean if np.isinf(dispersion) else rng.gamma(dispersion, mean / dispersion)
+    counts = rng.poisson(rate).astype(np.float32)
+
+    fate = np.asarray(_FATES)[np.abs(states[:, -1, 1][:, None] - wells).argmin(axis=1)]
+    obs = pd.DataFrame(
+        {"time": time_of_cell, "fate": pd.Categorical(fate, categories=list(_FATES))},
+        index=[f"cell{i}" for i in range(n_total)],
+    )
+    var = pd.DataFrame({"program": pd.Categorical([_PROGRAMS_3[p] for p in genes["program"]])},
+                       index=[f"gene{g}" for g in range(n_genes)])
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.layers["counts"] = counts.copy()
+    adata.obsm["latent"] = latent.astype(np.float32)
+    adata.obsm["state"] = states[np.arange(n_total), grid_index].astype(np.float32)
+    adata.uns[SIMULATION_KEY] = dict(
+        path_times=grid,
+        paths=paths.astype(np.float32),
+        genes={k: np.asarray(v) for k, v in genes.items()},
+        settings=dict(n_cells=per_day, times=times_arr, n_genes=n_genes, library_size=library_size,
+                      dispersion=dispersion, noise=noise, start_spread=np.asarray(start_spread),
+                      speed_spread=speed_spread, pull=pull, record_dt=record_dt, seed=seed,
+                      gene_seed=gene_seed, **arm_settings),
+    )
+    return adata
+
+
 def preprocess(adata: AnnData, n_comps: int = 10, target_sum: float = 1e4) -> AnnData:
     """Normalize, log-transform and reduce with PCA, as for real data (scanpy), in place.
 
@@ -293,7 +509,8 @@ def true_paths(
     ``varm["PCs"]``: what the cell would look like without sampling noise.
 
     Arguments:
-        adata: from :func:`simulate_differentiation` then :func:`preprocess`.
+        adata: from :func:`simulate_differentiation` (or :func:`simulate_three_fates`) then
+            :func:`preprocess`.
         times: times on the simulation's record grid (default: the whole grid).
         n_comps: number of leading PCs (default: all).
         cells: which cells (a boolean mask or integer indices over ``adata.obs``; default all).
@@ -302,7 +519,8 @@ def true_paths(
         Positions, shape (T, n, n_comps), float32.
     """
     if SIMULATION_KEY not in adata.uns:
-        raise ValueError("adata has no uns['simulation']: true paths exist only for simulate_differentiation() data")
+        raise ValueError("adata has no uns['simulation']: true paths exist only for the data of "
+                         "simulate_differentiation() or simulate_three_fates()")
     if PREPROCESS_KEY not in adata.uns or "PCs" not in adata.varm:
         raise ValueError("adata has not been processed by cnf_lib.simulation.preprocess() (no PCA to project on)")
     sim, pre = adata.uns[SIMULATION_KEY], adata.uns[PREPROCESS_KEY]
