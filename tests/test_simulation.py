@@ -134,7 +134,8 @@ def test_the_first_simulator_is_unchanged() -> None:
 @pytest.mark.parametrize(
     "kwargs, msg",
     [(dict(n_cells=10, times=(0.0,)), "times"), (dict(n_cells=10, times=(2.0, 1.0)), "times"),
-     (dict(n_cells=(10, 10)), "one per time point"), (dict(times=(0.0, 1.0)), "one per time point"), (dict(n_cells=1), "n_cells"),
+     (dict(n_cells=(10, 10)), "one per time point"), (dict(times=(0.0, 1.0)), "one per time point"),
+     (dict(n_cells=1), "n_cells"),
      (dict(n_cells=(10, 10, 10, 10, 10, 2.5)), "integers"), (dict(n_genes=7), "n_genes"),
      (dict(dispersion=0.0), "dispersion"), (dict(dispersion=-1.0), "dispersion"),
      (dict(n_cells=10, times=(0.0, 1.03)), "record grid"), (dict(record_dt=0.015), "record_dt")],
