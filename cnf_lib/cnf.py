@@ -10,7 +10,10 @@ Conventions (the book's appendix "Conventions across CNF codes" compares them wi
       log p_t(x) = log N(z; 0, I) - ∫_0^t tr(∂f/∂x(s)) ds
 
   which :meth:`CNF.log_prob` gets by integrating ``(x, Δ)`` from ``t`` back to 0 with
-  ``dΔ/ds = tr(∂f/∂x)``: ``Δ(0) = -∫_0^t tr``, so ``log p_t(x) = log N(z) + Δ(0)``.
+  ``dΔ/ds = tr(∂f/∂x)``: ``Δ(0) = -∫_0^t tr``, so ``log p_t(x) = log N(z) + Δ(0)``;
+* the density at t = 0 (the *base*) is N(0, I) unless the CNF is given another one
+  (``CNF(..., base=GaussianMixtureBase(...))``: a fixed Gaussian mixture, whose ``log_prob``
+  then replaces ``log N(z; 0, I)`` above; the CNF refines the mixture).
 
 Every direction is an argument (``t0``, ``t1`` of a call), never state kept on the model. The
 solver, tolerances, adjoint, trace estimator, probe and error control are :class:`SolverSettings`,
@@ -42,11 +45,12 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from .checks import check_points, module_device, randn
+from .checks import categorical, check_points, module_device, randn
 from .fields import ConcatSquashMLP
 from .trace import PROBES, divergence_exact, divergence_hutchinson, sample_probe
 
-__all__ = ["SolverSettings", "SolverError", "FlowResult", "CNF", "standard_normal_log_prob"]
+__all__ = ["SolverSettings", "SolverError", "FlowResult", "CNF", "GaussianMixtureBase",
+           "standard_normal_log_prob"]
 
 TRACES: tuple[str, ...] = ("exact", "hutchinson")
 ERROR_CONTROLS: tuple[str, ...] = ("mixed", "state_only", "joint")
@@ -114,6 +118,85 @@ class SolverSettings:
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) of each row. Arguments: ``z`` shape (n, D). Returns shape (n,)."""
     return -0.5 * z.pow(2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+class GaussianMixtureBase(nn.Module):
+    r"""A fixed Gaussian mixture in :math:`\mathbb{R}^D`, as a CNF's density at t = 0.
+
+    :math:`p(z) = \sum_k w_k\, \mathcal{N}(z; \mu_k, \Sigma_k)`. The weights, means and
+    Cholesky factors :math:`L_k` (:math:`\Sigma_k = L_k L_k^\top`) are buffers, not
+    parameters: training the CNF leaves them as they are, while ``state_dict``, saving and
+    ``.to(device)`` carry them. One component is a full-covariance Gaussian.
+
+    Arguments:
+        weights: mixture weights, shape (K,), positive (normalized here).
+        means: shape (K, D).
+        covariances: symmetric positive definite, shape (K, D, D).
+
+    Raises:
+        ValueError: on inconsistent shapes, non-positive weights or a covariance that is not
+            positive definite.
+    """
+
+    def __init__(self, weights: Tensor, means: Tensor, covariances: Tensor) -> None:
+        super().__init__()
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        cov = torch.as_tensor(covariances, dtype=torch.float64)
+        if mu.ndim != 2 or w.shape != (mu.shape[0],) or cov.shape != (*mu.shape, mu.shape[1]):
+            raise ValueError(
+                "a Gaussian mixture needs weights (K,), means (K, D) and covariances (K, D, D); got "
+                f"{tuple(w.shape)}, {tuple(mu.shape)}, {tuple(cov.shape)}"
+            )
+        if not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"mixture weights must be positive and finite; got {w.tolist()}")
+        chol, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.transpose(1, 2)))
+        if (info != 0).any() or not torch.isfinite(mu).all():
+            raise ValueError("every covariance must be positive definite and every mean finite "
+                             "(add a small ridge to the covariances, e.g. reg_covar in scikit-learn)")
+        self.register_buffer("log_weights", (w / w.sum()).log().float())
+        self.register_buffer("means", mu.float())
+        self.register_buffer("cholesky", chol.float())
+
+    @classmethod
+    def placeholder(cls, components: int, dim: int) -> "GaussianMixtureBase":
+        """A mixture of the right shapes (equal weights, zero means, identity covariances), to be
+        filled by ``load_state_dict``."""
+        return cls(torch.ones(components), torch.zeros(components, dim),
+                   torch.eye(dim).expand(components, dim, dim))
+
+    @property
+    def dim(self) -> int:
+        """The dimension D."""
+        return int(self.means.shape[1])
+
+    @property
+    def components(self) -> int:
+        """The number of components K."""
+        return int(self.means.shape[0])
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds the shapes (the values are in the state dict)."""
+        return {"kind": "gaussian_mixture", "components": self.components}
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """The log-density of each row: ``z`` shape (n, D), returns shape (n,)."""
+        chol = self.cholesky.to(z.dtype)
+        diff = (z.unsqueeze(0) - self.means.to(z.dtype).unsqueeze(1)).transpose(1, 2)  # (K, D, n)
+        white = torch.linalg.solve_triangular(chol, diff, upper=False)               # (K, D, n)
+        log_det = chol.diagonal(dim1=1, dim2=2).log().sum(1)                         # (K,)
+        per_component = (self.log_weights.to(z.dtype).unsqueeze(1) - 0.5 * white.pow(2).sum(1)
+                         - log_det.unsqueeze(1) - 0.5 * self.dim * math.log(2 * math.pi))
+        return torch.logsumexp(per_component, 0)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws, shape (n, D), float64 on the CPU: the component and the standard normals
+        come from ``generator`` (on its own device, so a seed gives the same draws anywhere)."""
+        k = categorical(self.log_weights.double().exp().cpu(), int(n), generator)
+        eps = randn((int(n), self.dim), generator, torch.float64, "cpu")
+        chol, mu = self.cholesky.double().cpu(), self.means.double().cpu()
+        return mu[k] + (chol[k] @ eps.unsqueeze(-1)).squeeze(-1)
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -204,13 +287,18 @@ class FlowResult:
 
 
 class CNF(nn.Module):
-    """A continuous normalizing flow with a standard-normal prior at t = 0.
+    """A continuous normalizing flow with a standard-normal prior at t = 0 (or another base).
 
     Arguments:
         dim: dimension D of the data.
         field: the vector field ``f(t, x)``; by default a :class:`ConcatSquashMLP`.
         hidden, activation: widths and activation of the default field.
         t1: the time at which the model's density is the data density.
+        base: the density at t = 0: ``None`` for N(0, I), or a :class:`GaussianMixtureBase`
+            (any module with ``dim``, ``config()``, ``log_prob(z)`` (n, D) → (n,) and
+            ``sample(n, generator)`` → (n, D) works, but only the mixture is rebuilt by
+            :meth:`from_config`). Its tensors are buffers: they are saved and moved with the
+            model and not trained.
         **settings: :class:`SolverSettings` fields (``method``, ``rtol``, ``trace``, ...).
 
     Example:
@@ -227,11 +315,15 @@ class CNF(nn.Module):
         hidden: Sequence[int] = (64, 64, 64),
         activation: str = "tanh",
         t1: float = 1.0,
+        base: nn.Module | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
         if int(dim) != dim or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if base is not None and getattr(base, "dim", None) != int(dim):
+            raise ValueError(f"the base density has dim={getattr(base, 'dim', None)!r}; the CNF has "
+                             f"dim={int(dim)}: build the base in the same dimension")
         self.dim = int(dim)
         self.field = field if field is not None else ConcatSquashMLP(self.dim, hidden, activation)
         self.t1 = float(t1)
@@ -241,22 +333,48 @@ class CNF(nn.Module):
                                 activation=activation, t1=self.t1)
         else:  # a custom field: its class names it; hidden/activation were not used
             self._config = dict(dim=self.dim, field=type(field).__qualname__, t1=self.t1)
+        # N(0, I) is no module and no config entry: models without a base save as they always did
+        self.base = base
+        if base is not None:
+            self._config["base"] = dict(base.config())
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this model, as plain values: ``dim``, ``field`` (the field's class name),
-        ``hidden`` and ``activation`` (the default field only), ``t1`` and ``settings``."""
+        ``hidden`` and ``activation`` (the default field only), ``t1``, ``settings`` and, for a
+        model with a base density other than N(0, I), ``base`` (its kind and shapes)."""
         return {**self._config, "settings": asdict(self.settings)}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "CNF":
-        """A new model (fresh parameters) from :meth:`config` of a model with the default field."""
+        """A new model (fresh parameters; a mixture base of the right shapes, to be filled by
+        ``load_state_dict``) from :meth:`config` of a model with the default field."""
         if config.get("field", "ConcatSquashMLP") != "ConcatSquashMLP":
             raise ValueError(
                 f"this CNF was built with a custom field ({config['field']}); build it the same way "
                 "and load its parameters with cnf_lib.saving.load_model(path, model=...)"
             )
+        base = None
+        if config.get("base") is not None:
+            kind = config["base"].get("kind")
+            if kind != "gaussian_mixture":
+                raise ValueError(f"unknown base density kind {kind!r}; this cnf_lib rebuilds "
+                                 "'gaussian_mixture' only (build the model yourself and load its state)")
+            base = GaussianMixtureBase.placeholder(int(config["base"]["components"]), int(config["dim"]))
         return cls(int(config["dim"]), hidden=tuple(int(h) for h in config["hidden"]),
-                   activation=str(config["activation"]), t1=float(config["t1"]), **config["settings"])
+                   activation=str(config["activation"]), t1=float(config["t1"]), base=base,
+                   **config["settings"])
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """The log-density at t = 0 of each row of ``z`` (n, D): N(0, I) or the base's. Shape (n,)."""
+        return standard_normal_log_prob(z) if self.base is None else self.base.log_prob(z)
+
+    def sample_base(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws of the density at t = 0, shape (n, D), in the model's dtype and on its device
+        (drawn from ``generator`` on its own device: :mod:`cnf_lib.checks`)."""
+        param = next(self.parameters())
+        if self.base is None:
+            return randn((int(n), self.dim), generator, param.dtype, param.device)
+        return self.base.sample(int(n), generator).to(dtype=param.dtype, device=param.device)
 
     @property
     def device(self) -> torch.device:
@@ -371,7 +489,7 @@ class CNF(nn.Module):
         """Like :meth:`log_prob`, also returning the :class:`FlowResult` (NFE, regularizers)."""
         t = self.t1 if t is None else float(t)
         res = self.flow(x, t, 0.0, logdet=True, regularize=regularize, generator=generator, **overrides)
-        return standard_normal_log_prob(res.x) + res.delta_logp, res
+        return self.base_log_prob(res.x) + res.delta_logp, res
 
     # -- maps -----------------------------------------------------------------------------------
     def encode(self, x: Tensor, t: float | None = None, **overrides: Any) -> Tensor:
@@ -394,9 +512,7 @@ class CNF(nn.Module):
         """
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        param = next(self.parameters())
-        z = randn((int(n), self.dim), generator, param.dtype, param.device)
-        return self.decode(z, t, **overrides)
+        return self.decode(self.sample_base(int(n), generator), t, **overrides)
 
     def trajectory(self, points: Tensor, times: Sequence[float] | Tensor, **overrides: Any) -> Tensor:
         """Positions of ``points`` (given at ``times[0]``) at each of ``times``.

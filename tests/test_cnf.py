@@ -338,3 +338,98 @@ def test_hutchinson_with_the_adjoint_gives_backprops_gradients_for_the_same_prob
         logp.mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+# -- a Gaussian-mixture base ------------------------------------------------------------------
+
+
+def _mixture(dim: int = 3, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    w = torch.tensor([0.7, 0.3][:k], dtype=torch.float64)
+    mu = 2.0 * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    a = torch.randn(k, dim, dim, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) + 0.3 * torch.eye(dim, dtype=torch.float64)
+    return w, mu, cov
+
+
+def _mixture_log_prob(x: torch.Tensor, w: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    comps = [torch.distributions.MultivariateNormal(mu[i], cov[i]).log_prob(x) + w[i].log() for i in range(len(w))]
+    return torch.logsumexp(torch.stack(comps), 0)
+
+
+def test_mixture_base_log_prob_is_the_mixture_density() -> None:
+    w, mu, cov = _mixture()
+    base = cnf_module.GaussianMixtureBase(w, mu, cov).double()
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    torch.testing.assert_close(base.log_prob(x), _mixture_log_prob(x, w, mu, cov), rtol=1e-5, atol=1e-5)
+    assert base.components == 2 and base.dim == 3
+    assert not list(base.parameters()) and {n for n, _ in base.named_buffers()} == {"log_weights", "means", "cholesky"}
+
+
+def test_a_zero_field_cnf_on_a_mixture_base_has_the_mixture_density() -> None:
+    w, mu, cov = _mixture()
+    field = LinearField(torch.zeros(3, 3, dtype=torch.float64))
+    model = CNF(3, field=field, base=cnf_module.GaussianMixtureBase(w, mu, cov)).double()
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    torch.testing.assert_close(model.log_prob(x, trace="exact"), _mixture_log_prob(x, w, mu, cov),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_flow_of_a_gaussian_base_is_the_pushed_gaussian() -> None:
+    """Base N(mu, S), field x -> A x: at t = 1 the density is N(e^A mu, e^A S e^A^T)."""
+    _, mu, cov = _mixture(k=1)
+    A = 0.3 * torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model = CNF(3, field=LinearField(A), base=cnf_module.GaussianMixtureBase(torch.ones(1), mu, cov), **TIGHT)
+    model = model.double()
+    M = torch.linalg.matrix_exp(A)
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = torch.distributions.MultivariateNormal(M @ mu[0], M @ cov[0] @ M.T).log_prob(x)
+    torch.testing.assert_close(model.log_prob(x, trace="exact"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_base_samples_have_the_mixture_moments() -> None:
+    w, mu, cov = _mixture()
+    base = cnf_module.GaussianMixtureBase(w, mu, cov)
+    z = base.sample(200_000, torch.Generator().manual_seed(6))
+    mean = (w[:, None] * mu).sum(0)
+    second = sum(w[i] * (cov[i] + torch.outer(mu[i], mu[i])) for i in range(2))
+    torch.testing.assert_close(z.mean(0), mean, atol=0.03, rtol=0.0)
+    torch.testing.assert_close(z.T @ z / len(z), second, atol=0.1, rtol=0.02)
+    again = base.sample(100, torch.Generator().manual_seed(7))
+    assert torch.equal(again, base.sample(100, torch.Generator().manual_seed(7)))
+    model = CNF(3, hidden=(8,), base=base)
+    assert model.sample(10, generator=torch.Generator().manual_seed(0)).shape == (10, 3)
+
+
+def test_the_default_cnf_has_no_base_state_and_an_unchanged_config() -> None:
+    model = CNF(2, hidden=(8,))
+    assert model.base is None and "base" not in model.config()
+    assert not any(k.startswith("base.") for k in model.state_dict())
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    res = model.flow(x, 1.0, 0.0)
+    assert torch.equal(model.log_prob(x), standard_normal_log_prob(res.x) + res.delta_logp)
+
+
+def test_a_mixture_base_round_trips_through_config_and_state_dict() -> None:
+    w, mu, cov = _mixture()
+    model = CNF(3, hidden=(8,), base=cnf_module.GaussianMixtureBase(w, mu, cov))
+    assert model.config()["base"] == {"kind": "gaussian_mixture", "components": 2}
+    assert {"base.log_weights", "base.means", "base.cholesky"} <= set(model.state_dict())
+    again = CNF.from_config(model.config())
+    again.load_state_dict(model.state_dict())
+    x = torch.randn(9, 3, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(again.log_prob(x), model.log_prob(x))
+
+
+def test_bad_mixture_bases_are_refused_clearly() -> None:
+    w, mu, cov = _mixture()
+    with pytest.raises(ValueError, match="dim=3.*dim=2"):
+        CNF(2, base=cnf_module.GaussianMixtureBase(w, mu, cov))
+    with pytest.raises(ValueError, match="positive definite"):
+        cnf_module.GaussianMixtureBase(w, mu, -cov)
+    with pytest.raises(ValueError, match=r"weights \(K,\), means \(K, D\)"):
+        cnf_module.GaussianMixtureBase(w[:1], mu, cov)
+    with pytest.raises(ValueError, match="positive"):
+        cnf_module.GaussianMixtureBase(torch.tensor([1.0, 0.0]), mu, cov)
+    with pytest.raises(ValueError, match="unknown base density kind"):
+        CNF.from_config({**CNF(3, hidden=(8,)).config(), "base": {"kind": "flow", "components": 1}})

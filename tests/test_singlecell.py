@@ -18,6 +18,7 @@ from cnf_lib.singlecell import (
     MIN_CELLS_PER_DIM,
     CellDensity,
     check_enough_cells,
+    fit_base,
     fit_density,
     get_density,
     get_representation,
@@ -29,7 +30,9 @@ from cnf_lib.singlecell import (
 
 torch.set_num_threads(1)
 
-FAST = dict(hidden=(16, 16), iterations=30, eval_every=10, lr=1e-2, lr_final=1e-3)
+# the classic CNF from N(0, I), trained throughout: these tests are about the training mechanics
+FAST = dict(hidden=(16, 16), iterations=30, eval_every=10, lr=1e-2, lr_final=1e-3, base="normal",
+            patience=None)
 
 
 def make_adata(n: int = 240, n_pcs: int = 6, n_genes: int = 12, seed: int = 0) -> ad.AnnData:
@@ -144,7 +147,7 @@ def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="validation_fraction"):
         fit_density(adata, validation_fraction=0.9, **FAST)
     with pytest.raises(ValueError, match="patience"):
-        fit_density(adata, patience=0, **FAST)
+        fit_density(adata, **{**FAST, "patience": 0})
     with pytest.raises(ValueError, match="unknown solver setting"):
         fit_density(adata, n_comps=2, solver=dict(tolerance=1e-3), **FAST)
 
@@ -220,7 +223,7 @@ def test_the_best_validation_state_is_kept(fitted: ad.AnnData) -> None:
 
 def test_patience_stops_after_that_many_evaluations_without_improvement() -> None:
     adata = make_adata()
-    fit_density(adata, n_comps=2, patience=1, seed=0, **{**FAST, "iterations": 200, "lr": 5e-2,
+    fit_density(adata, n_comps=2, seed=0, **{**FAST, "patience": 1, "iterations": 200, "lr": 5e-2,
                                                            "lr_final": 5e-2})
     h = get_density(adata).history
     best = int(np.argmin(h["validation_nll"]))
@@ -373,4 +376,72 @@ def test_fit_density_warns_when_the_best_validation_point_is_the_last() -> None:
     adata = make_adata()
     with pytest.warns(UserWarning, match="undertrained"):
         fit_density(adata, "X_pca", n_comps=2, seed=0, hidden=(16, 16), iterations=20, eval_every=10,
-                    lr=1e-3, lr_final=1e-3, progress=False)
+                    lr=1e-3, lr_final=1e-3, progress=False, base="normal")
+
+
+# -- the default: a CNF on a Gaussian-mixture base --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_mixture() -> ad.AnnData:
+    adata = make_adata()
+    fit_density(adata, "X_pca", n_comps=2, seed=0, hidden=(16, 16), iterations=30, eval_every=10,
+                progress=False)
+    return adata
+
+
+def test_the_mixture_base_is_the_first_candidate(on_mixture: ad.AnnData) -> None:
+    """Evaluation 0 is the base alone (a zero field): its validation NLL is the mixture's own, computed
+    here with scikit-learn's formula for the fitted weights, means and covariances."""
+    density = get_density(on_mixture)
+    base, h = density.model.base, density.history
+    assert base is not None and density.train_config["base"] == "mixture"
+    assert density.train_config["base_components"] == base.components >= 2  # two clusters
+    assert h["eval_iteration"][0] == 0
+    val = get_representation(on_mixture[on_mixture.obs["cnf_split"] == "validation"], "X_pca", 2)
+    z = density.standardizer.transform(torch.as_tensor(val))
+    w, mu = base.log_weights.double().exp(), base.means.double()
+    cov = base.cholesky.double() @ base.cholesky.double().transpose(1, 2)
+    comps = [torch.distributions.MultivariateNormal(mu[k], cov[k]).log_prob(z) + w[k].log()
+             for k in range(base.components)]
+    mixture_nll = -(torch.logsumexp(torch.stack(comps), 0) + density.standardizer.log_abs_det()).mean()
+    assert h["validation_nll"][0] == pytest.approx(mixture_nll.item(), abs=1e-4)
+    assert min(h["validation_nll"]) <= h["validation_nll"][0]
+    best = int(np.argmin(h["validation_nll"]))
+    assert density.best_iteration == h["eval_iteration"][best]
+
+
+def test_a_mixture_base_density_round_trips(on_mixture: ad.AnnData, tmp_path) -> None:
+    density = get_density(on_mixture)
+    cells = get_representation(on_mixture, "X_pca", 2)[:20]
+    before = density.log_prob(cells)
+    assert torch.equal(CellDensity.from_uns(density.to_uns()).log_prob(cells), before)
+    assert torch.equal(CellDensity.from_saved(*density.save_state()).log_prob(cells), before)
+    path = tmp_path / "cells.h5ad"
+    on_mixture.write_h5ad(path)
+    back = get_density(ad.read_h5ad(path))
+    assert torch.equal(back.log_prob(cells), before)
+    assert back.model.base.components == density.model.base.components
+    a = sample_cells(back, 50, seed=3).obsm["X_pca"]
+    np.testing.assert_array_equal(a, sample_cells(density, 50, seed=3).obsm["X_pca"])
+
+
+def test_fit_base_chooses_components_by_validation_nll() -> None:
+    """Three well separated clusters: a mixture of 4 (the doubling after 2) fits them; 1 does not."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[-6.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    z = centres[rng.integers(0, 3, 3000)] + rng.normal(size=(3000, 2))
+    z_val = centres[rng.integers(0, 3, 600)] + rng.normal(size=(600, 2))
+    assert fit_base(z, "normal") is None
+    assert fit_base(z, "gaussian").components == 1
+    assert fit_base(z, "mixture", z_val=z_val).components == 4
+    assert fit_base(z, "mixture", max_components=2, z_val=z_val).components == 2
+    assert fit_base(z[:40], "mixture", z_val=z_val).components == 2  # 40 points: at most 40 / (10 D)
+
+
+def test_bad_base_settings_are_refused() -> None:
+    adata = make_adata()
+    with pytest.raises(ValueError, match=r"base must be one of \('normal', 'gaussian', 'mixture'\)"):
+        fit_density(adata, n_comps=2, base="flow")
+    with pytest.raises(ValueError, match="max_components must be a positive integer"):
+        fit_density(adata, n_comps=2, max_components=0)
