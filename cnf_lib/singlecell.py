@@ -625,7 +625,8 @@ def fit_density(
             of training cells every iteration sees all of them.
         device: Where the network trains (``"cuda"`` for a GPU).
         progress: Show the trainer's progress bar (one bar for the whole fit, with the last
-            validation NLL).
+            validation NLL, on the standardized coordinates: the history's values minus the
+            standardization's log-Jacobian; the base is fitted before the bar starts).
         copy: Work on a copy of ``adata`` and return it.
         **train_kwargs: Other :class:`~cnf_lib.train.TrainConfig` fields (``frobenius``,
             ``grad_clip``: no clipping unless given). Training solves use ``solver`` (not the
