@@ -136,7 +136,7 @@ def train_and_score(name: str, budget: int, seed: int, quick: bool) -> dict[str,
                 true_nll=true_nll, final_step=trainer.grid_step)
 
 
-def run(quick: bool = False, seeds: tuple[int, ...] = (0,), budgets: tuple[int, ...] = (1, 2, 4),
+def run(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), budgets: tuple[int, ...] = (1, 2, 4),
         sets: tuple[str, ...] = tuple(SETS)) -> dict[str, Any]:
     """Every set × budget × seed; one row per set and budget (per-seed gaps, medians)."""
     rows = []
@@ -158,7 +158,7 @@ def run(quick: bool = False, seeds: tuple[int, ...] = (0,), budgets: tuple[int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--budgets", default="1,2,4")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")

@@ -544,3 +544,36 @@ def test_without_test_data_the_grid_is_checked_on_fixed_training_points() -> Non
     adaptive = Trainer(CNF(2, field=LinearField(24 * torch.eye(2))), x, iterations=1, lr=1e-12, lr_final=1e-12,
                        kinetic=0.0, eval_every=1, train_settings=dict(method="dopri5"), progress=False)
     assert adaptive.fit()["grid_gap"] == []
+
+
+def test_the_schedule_is_one_cosine_up_to_lr_period_then_restarts_from_lower_peaks() -> None:
+    from cnf_lib.train import RESTART_PEAKS, TrainConfig
+
+    short = TrainConfig(iterations=600)
+    cos = [0.5 * (1 + math.cos(math.pi * i / 600)) for i in (0, 150, 300, 599)]
+    assert [short.lr_at(i) for i in (0, 150, 300, 599)] == pytest.approx([1e-4 + (3e-2 - 1e-4) * c for c in cos])
+    long = TrainConfig(iterations=1500)  # 600, then restarts of 600 and 300
+    assert [long.lr_at(i) for i in range(600)] == [short.lr_at(i) for i in range(600)]  # the shorter run, exactly
+    assert long.lr_at(600) == pytest.approx(3e-2 * RESTART_PEAKS[0])
+    assert long.lr_at(1200) == pytest.approx(3e-2 * RESTART_PEAKS[1])
+    assert long.lr_at(1499) == pytest.approx(1e-4, rel=1e-3)  # the last, shorter period still ends at lr_final
+    assert long.lr_at(1199) == pytest.approx(1e-4, rel=1e-3)
+    assert max(long.lr_at(i) for i in range(600, 1500)) <= 3e-2 * RESTART_PEAKS[0] + 1e-12
+    one = TrainConfig(iterations=1500, lr_period=None)  # the old single cosine, on request
+    assert one.lr_at(750) == pytest.approx(1e-4 + (3e-2 - 1e-4) * 0.5)
+    with pytest.raises(ValueError, match="lr_period must be a positive integer or None"):
+        TrainConfig(lr_period=0)
+
+
+def test_a_longer_run_passes_through_the_shorter_runs_end_bit_for_bit() -> None:
+    def run(iterations: int) -> Trainer:
+        trainer = make_trainer(iterations=iterations, lr_period=12)
+        trainer.fit(until=12)
+        return trainer
+
+    short, long = run(12), run(30)
+    for a, b in zip(short.model.parameters(), long.model.parameters()):
+        assert torch.equal(a, b)
+    assert short.history["loss"] == long.history["loss"]
+    long.fit()
+    assert long.history["lr"][12] == pytest.approx(1e-2 * 0.1) and long.history["lr"][-1] < 2e-3
