@@ -500,7 +500,8 @@ class CellDensity:
 
 #: The densities at t = 0 :func:`fit_density` offers: ``"normal"`` N(0, I) (the classic CNF),
 #: ``"gaussian"`` one full-covariance Gaussian and ``"mixture"`` a full-covariance Gaussian
-#: mixture with its number of components chosen by BIC, both fitted to the training cells.
+#: mixture, both fitted to the training cells, the mixture's number of components chosen by the
+#: validation cells' NLL (:func:`fit_base`).
 BASES: tuple[str, ...] = ("normal", "gaussian", "mixture")
 
 
@@ -551,7 +552,6 @@ def _zero_last_layer(field: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in (last.linear.weight, last.linear.bias, last.shift.weight):
             p.zero_()
-
 
 
 def fit_density(
