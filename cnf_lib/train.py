@@ -90,10 +90,13 @@ class TrainConfig:
         lr_period: the length of the first cosine (``None``: one cosine over all ``iterations``).
             A run of more iterations first runs that cosine, exactly as the shorter run would,
             then restarts it in periods of the same length (the last one shorter if need be),
-            each from a lower peak (:data:`RESTART_PEAKS`) down to ``lr_final``. Measured on a
-            curved 2-D density: one cosine over 4x the iterations ended 0.23 nats from the truth
-            (long stretches at a high learning rate stiffen the field until it fits its training
-            grid), the restarts 0.011, as good as the default budget (0.015).
+            each from a lower peak (:data:`RESTART_PEAKS`) down to ``lr_final``. Why: one cosine
+            over 3x the iterations ended 0.18 nats from the truth on a user's curved 2-D density
+            (0.014 at the default budget): long stretches at a high learning rate stiffen the
+            field until it fits its training grid. On banana-2d (seed 0, the tuning set of this
+            switch) restarts from a constant peak of lr/10 did the same at 4x (0.23 nats; 1.98
+            nats between the grid's NLL and the adaptive one); the falling peaks ended at 0.011
+            (0.015 at 1x). benchmarks/bench_heldout.py measures it on three other densities.
         kinetic, frobenius: weights of the RNODE regularizers (0 turns them off).
         eval_every: held-out NLL every this many iterations (0: only at the end).
         eval_settings: solver settings for held-out evaluation (exact trace, adaptive dopri5 at a
