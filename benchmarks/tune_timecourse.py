@@ -74,7 +74,7 @@ from cnf_lib.timecourse import TimeCourse, fit_trajectories  # noqa: E402
 PUSH = dict(method="dopri5", rtol=1e-5, atol=1e-5)
 RK4 = dict(method="rk4", step_size=1.0)
 HUTCH = dict(method="rk4", step_size=1.0, trace="hutchinson")
-SHARED = dict(n_comps=5, hidden=(64, 64), kinetic=0.1, batch_size=128, lr=1e-2, lr_final=1e-3)
+SHARED = dict(hidden=(64, 64), kinetic=0.1, batch_size=128, lr=1e-2, lr_final=1e-3)
 SECOND: dict[str, dict] = {
     "exact trace, 70 it, batch 64": dict(iterations=70, batch_size=64, train_settings=RK4),
     "Hutchinson, 90 it": dict(iterations=90, train_settings=HUTCH),
@@ -102,6 +102,46 @@ COURSES = {
 BASELINES = ("OT interpolation", "previous", "next")
 
 
+def leave_one_out(cells, candidates: dict[str, dict], n_comps: int = 5, shared: dict = SHARED,
+                  baselines: tuple[str, ...] = BASELINES) -> tuple[list[float], dict, dict]:
+    """Chapter 7's protocol on a tuning course: W1 of each baseline and candidate per held-out day.
+
+    Returns the held-out days, ``{name: [W1 per day]}`` and ``{candidate: [CPU s per fit]}``.
+    """
+    days = sorted(set(cells.obs["time"].tolist()))[1:-1]
+    rows: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    for day in days:
+        a_day = preprocess_holding_out(cells, day, n_comps=10)
+        course = TimeCourse.from_anndata(a_day, time_key="time", use_rep="X_pca", n_comps=n_comps)
+        k = course.index(day)
+        guesses, weights = holdout_baselines(course, day, torch.Generator().manual_seed(0), return_weights=True)
+        for name in baselines:
+            rows.setdefault(name, []).append(wasserstein(guesses[name], course.snapshots[k], a=weights[name]))
+        for name, candidate in candidates.items():
+            start = time.process_time()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = fit_trajectories(a_day, leave_out=day, seed=0, progress=False, key_added=None,
+                                         n_comps=n_comps, **{**shared, **candidate})
+            seconds.setdefault(name, []).append(time.process_time() - start)
+            with torch.no_grad():
+                pred = model.push(course.snapshots[k - 1], course.times[k - 1], day, **PUSH)
+            rows.setdefault(name, []).append(wasserstein(pred, course.snapshots[k]))
+            print(f"day {day:g} {name}: W1 {rows[name][-1]:.3f}, {seconds[name][-1]:.1f} CPU s"
+                  + "".join(f"; warning: {w.message}" for w in caught), flush=True)
+    return days, rows, seconds
+
+
+def print_table(days: list[float], rows: dict, seconds: dict) -> None:
+    """One line per method: W1 per held-out day, the mean, CPU seconds a fit."""
+    head = " ".join(f"{f'day {d:g}':>7s}" for d in days)
+    print(f"{'method':48s} {head} {'mean':>7s} {'CPU s/fit':>10s}")
+    for name, w1 in rows.items():
+        cpu = sum(seconds[name]) / len(seconds[name]) if name in seconds else 0.0
+        print(f"{name:48s} " + " ".join(f"{v:7.3f}" for v in w1) + f" {sum(w1) / len(w1):7.3f} {cpu:10.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--course", choices=sorted(COURSES), default="second", help="which of chapter 7's courses")
@@ -111,35 +151,9 @@ def main() -> None:
         raise SystemExit("seeds 0 and 1 are the course chapter 7 reports and its replicate: tune on another one")
     torch.set_num_threads(1)
     simulate, candidates, simulator, budget = COURSES[args.course]
-    cells = simulate(seed=args.seed)
-    days = sorted(set(cells.obs["time"].tolist()))[1:-1]
-    rows: dict[str, list[float]] = {}
-    seconds: dict[str, list[float]] = {}
-    for day in days:
-        a_day = preprocess_holding_out(cells, day, n_comps=10)
-        course = TimeCourse.from_anndata(a_day, time_key="time", use_rep="X_pca", n_comps=5)
-        k = course.index(day)
-        guesses, weights = holdout_baselines(course, day, torch.Generator().manual_seed(0), return_weights=True)
-        for name in BASELINES:
-            rows.setdefault(name, []).append(wasserstein(guesses[name], course.snapshots[k], a=weights[name]))
-        for name, candidate in {**candidates, **REFERENCES}.items():
-            start = time.process_time()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                model = fit_trajectories(a_day, leave_out=day, seed=0, progress=False, key_added=None,
-                                         **{**SHARED, **candidate})
-            seconds.setdefault(name, []).append(time.process_time() - start)
-            with torch.no_grad():
-                pred = model.push(course.snapshots[k - 1], course.times[k - 1], day, **PUSH)
-            rows.setdefault(name, []).append(wasserstein(pred, course.snapshots[k]))
-            print(f"day {day:g} {name}: W1 {rows[name][-1]:.3f}, {seconds[name][-1]:.1f} CPU s"
-                  + "".join(f"; warning: {w.message}" for w in caught), flush=True)
+    days, rows, seconds = leave_one_out(simulate(seed=args.seed), {**candidates, **REFERENCES})
     print(f"tuning course: {simulator}(seed={args.seed}), 5 PCs; W1 of each held-out day (lower is better)")
-    head = " ".join(f"{f'day {d:g}':>7s}" for d in days)
-    print(f"{'method':42s} {head} {'mean':>7s} {'CPU s/fit':>10s}")
-    for name, w1 in rows.items():
-        cpu = sum(seconds[name]) / len(seconds[name]) if name in seconds else 0.0
-        print(f"{name:42s} " + " ".join(f"{v:7.3f}" for v in w1) + f" {sum(w1) / len(w1):7.3f} {cpu:10.1f}")
+    print_table(days, rows, seconds)
     eligible = [n for n in candidates if sum(seconds[n]) / len(seconds[n]) <= budget]
     best = min(eligible, key=lambda n: sum(rows[n]))
     print(f"chosen (the lowest mean W1 within {budget:g} CPU s a fit): {best}")

@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from tune_timecourse import leave_one_out, print_table  # noqa: E402  (the same protocol as chapter 7's tuning)
 
-from cnf_lib.baselines import holdout_baselines  # noqa: E402
-from cnf_lib.metrics import wasserstein  # noqa: E402
-from cnf_lib.simulation import preprocess_holding_out, simulate_differentiation  # noqa: E402
-from cnf_lib.timecourse import TimeCourse, fit_trajectories  # noqa: E402
+from cnf_lib.simulation import simulate_differentiation  # noqa: E402
 
-PUSH = dict(method="dopri5", rtol=1e-5, atol=1e-5)
 SHARED = dict(hidden=(64, 64), batch_size=128, lr=1e-2, lr_final=1e-3)
 # chapter 7's recipe for its first course (chosen by tune_timecourse.py on this tuning course)
 CHAPTER7 = dict(objective="likelihood", iterations=150, kinetic=0.1,
@@ -60,28 +56,10 @@ def main() -> None:
         raise SystemExit("seed 0 is the course chapters 7 and 8 report on: tune on another one")
     torch.set_num_threads(1)
     cells = simulate_differentiation(n_cells=200, times=(0, 1, 2, 3, 4), n_genes=40, seed=args.seed)
-    rows: dict[str, list[float]] = {"OT interpolation": []}
-    seconds: dict[str, list[float]] = {}
-    for day in (1.0, 2.0, 3.0):
-        a_day = preprocess_holding_out(cells, day, n_comps=10)
-        course = TimeCourse.from_anndata(a_day, time_key="time", use_rep="X_pca", n_comps=args.n_comps)
-        k = course.index(day)
-        guesses, weights = holdout_baselines(course, day, torch.Generator().manual_seed(0), return_weights=True)
-        rows["OT interpolation"].append(wasserstein(guesses["OT interpolation"], course.snapshots[k],
-                                                    a=weights["OT interpolation"]))
-        for name, candidate in CANDIDATES.items():
-            start = time.process_time()
-            model = fit_trajectories(a_day, leave_out=day, seed=0, progress=False, key_added=None,
-                                     n_comps=args.n_comps, **SHARED, **candidate)
-            seconds.setdefault(name, []).append(time.process_time() - start)
-            with torch.no_grad():
-                pred = model.push(course.snapshots[k - 1], course.times[k - 1], day, **PUSH)
-            rows.setdefault(name, []).append(wasserstein(pred, course.snapshots[k]))
+    days, rows, seconds = leave_one_out(cells, CANDIDATES, n_comps=args.n_comps, shared=SHARED,
+                                        baselines=("OT interpolation",))
     print(f"tuning course: simulator seed {args.seed}, {args.n_comps} PCs; W1 of each held-out day (lower is better)")
-    print(f"{'method':48s} {'day 1':>7s} {'day 2':>7s} {'day 3':>7s} {'mean':>7s} {'CPU s/fit':>10s}")
-    for name, w1 in rows.items():
-        cpu = sum(seconds[name]) / len(seconds[name]) if name in seconds else 0.0
-        print(f"{name:48s} " + " ".join(f"{v:7.3f}" for v in w1) + f" {sum(w1) / len(w1):7.3f} {cpu:10.1f}")
+    print_table(days, rows, seconds)
     best = min((name for name in rows if name.startswith("matching")), key=lambda n: sum(rows[n]))
     print(f"chosen: {best}")
 
