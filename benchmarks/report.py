@@ -182,16 +182,49 @@ def _book(bk: dict[str, Any]) -> list[str]:
 def _heldout(h: dict[str, Any]) -> list[str]:
     rows = [[r["set"], f"{r['budget']}× ({r['iterations']})", " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"],
              r["grid_minus_adaptive"], r["cpu"], r["true_nll"]] for r in h["rows"]]
-    return [
+    header = ["set", "budget (iterations)", "gap per seed", "median gap", "own grid − adaptive", "CPU s", "true NLL"]
+    out = [
         "## The defaults on densities they were not tuned on (`bench_heldout.py`)",
         "",
         f"`Trainer(CNF(D, hidden=(64, 64, 64)), x).fit()` on standardized data ({h['n_train']:,} training, "
         f"{h['n_test']:,} test points), at 1×, 2× and 4× the default iterations; gap = test NLL − true NLL "
         "(nats, exact trace, dopri5 at 1e-5, the standardization's log-determinant included); own grid − "
-        f"adaptive = the same NLL on the four-step RK4 training grid minus the adaptive one. Seeds: {h['seeds']}.",
+        f"adaptive = the same NLL on the four-step RK4 training grid minus the adaptive one. Seeds: {h['seeds']}. "
+        "Above two dimensions the defaults are `TrainConfig.for_dim`'s (Hutchinson's estimator in training, "
+        "512 points per iteration).",
         "",
-        table(["set", "budget (iterations)", "gap per seed", "median gap", "own grid − adaptive", "CPU s",
-               "true NLL"], rows, 3),
+        table(header, rows, 3),
+        "",
+    ]
+    if h.get("rows_2d_recipe"):
+        before = [[r["set"], f"{r['budget']}× ({r['iterations']})", " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"],
+                   r["grid_minus_adaptive"], r["cpu"], r["true_nll"]] for r in h["rows_2d_recipe"]]
+        out += [f"The same sets with the 2-D defaults in every dimension (the run of {h['date_2d_recipe']}, before "
+                "`TrainConfig.for_dim`):", "", table(header, before, 3), ""]
+    return out
+
+
+def _matching(m: dict[str, Any]) -> list[str]:
+    rows = [[r["toy"], r["method"], " ".join(f"{g:.3f}" for g in r["gaps"]), r["mean_gap"], r["sd_gap"], r["cpu"]]
+            for r in m["rows"]]
+    comps = [[c["toy"], f"{c['a']} − {c['b']}", " ".join(f"{d:+.3f}" for d in c["diffs"]), c["mean"], c["se"],
+              f"{c['a_ahead']} of {len(c['diffs'])}", f"{c['smallest_ratio']:.1f}–{c['largest_ratio']:.1f}"]
+             for c in m["comparisons"]]
+    return [
+        "## Flow matching beside maximum likelihood, several seeds (`bench_matching.py`)",
+        "",
+        "Chapter 8's three trainings of one field on the 2-D toys (maximum likelihood with the `Trainer`'s "
+        "defaults; flow matching with `cnf_lib.matching.TOY_SETTINGS`, independent or OT pairs), each with "
+        f"seeds {m['seeds']}; gap = test NLL − true NLL on {m['n_test']:,} test points (exact trace, dopri5 at 1e-5).",
+        "",
+        table(["toy", "method", "gap per seed", "mean gap", "sd", "median CPU s"], rows, 3),
+        "",
+        "Differences of test NLL (negative: the first method has the lower NLL), per seed and mean ± standard "
+        "error over seeds; the absolute difference over its paired standard error (per-point log-densities) "
+        "per seed, smallest–largest.",
+        "",
+        table(["toy", "comparison", "per seed", "mean", "se over seeds", "first ahead", "diff / paired se"],
+              comps, 4),
         "",
     ]
 
@@ -236,7 +269,8 @@ def _timecourse(tc: dict[str, Any]) -> list[str]:
 def markdown(r: dict[str, Any]) -> str:
     out = _header(r)
     for key, fn in (("profile", _profile), ("recipe", _recipe), ("peer", _peer), ("trace", _trace),
-                    ("heldout", _heldout), ("cells", _cells), ("timecourse", _timecourse), ("book", _book)):
+                    ("heldout", _heldout), ("matching", _matching), ("cells", _cells), ("timecourse", _timecourse),
+                    ("book", _book)):
         if key in r:
             section = fn(r[key])
             if r[key].get("date"):  # a partial run (--only) refreshes some sections, not all

@@ -5,7 +5,8 @@ library). About 10–15 minutes on a 2-core machine, plus about 15 for ``heldout
 ``--quick`` checks the scripts in a minute with tiny sizes (its numbers mean nothing and it writes
 ``results-quick.*`` instead).
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only profile,recipe,peer,trace,heldout,cells,timecourse,book]
+    .venv/bin/python benchmarks/run_all.py [--quick] \
+        [--only profile,recipe,peer,trace,heldout,matching,cells,timecourse,book]
 
 Sections (each a module here, each with a docstring that says what it measures and how):
 
@@ -14,6 +15,7 @@ Sections (each a module here, each with a docstring that says what it measures a
 * ``peer`` — cnf_lib against zuko at equal settings (bench_peer.py);
 * ``trace`` — exact/Hutchinson cost per evaluation, D = 2 … 512 (bench_trace.py);
 * ``heldout`` — the defaults on four untuned densities, 1×/2×/4× budgets (bench_heldout.py);
+* ``matching`` — chapter 8's maximum likelihood vs flow matching on the toys, five seeds (bench_matching.py);
 * ``cells`` — ``fit_density`` at 20,000 cells × 10 and 30 columns vs a BIC mixture (bench_cells.py);
 * ``timecourse`` — ``fit_trajectories`` at 200, 2,000 and 20,000 cells a day: fit time, held-out W1
   beside OT interpolation (bench_timecourse.py);
@@ -35,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from report import markdown  # noqa: E402
 
-SECTIONS = ("profile", "recipe", "peer", "trace", "heldout", "cells", "timecourse", "book")
+SECTIONS = ("profile", "recipe", "peer", "trace", "heldout", "matching", "cells", "timecourse", "book")
 
 
 def main(argv: list[str] | None = None) -> int:

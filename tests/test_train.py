@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -358,6 +359,53 @@ def test_the_defaults_are_the_benchmarked_recipe() -> None:
     model_defaults = CNF(2).settings
     for name, value in common.CHAPTER_RECIPE["train_settings"].items():
         assert getattr(model_defaults, name) == value, name
+
+
+def test_defaults_by_dimension_change_only_above_two_and_yield_to_what_is_passed() -> None:
+    from cnf_lib.train import HIGH_DIM_DEFAULTS, TrainConfig
+
+    assert TrainConfig.for_dim(1) == TrainConfig.for_dim(2) == TrainConfig()
+    high = TrainConfig.for_dim(6)
+    assert high.batch_size == HIGH_DIM_DEFAULTS["batch_size"] == 512
+    assert high.train_settings == dict(method="rk4", step_size=0.25, trace="hutchinson")
+    assert high.lr == TrainConfig().lr and high.iterations == TrainConfig().iterations
+    assert TrainConfig.for_dim(6, batch_size=64, train_settings={}).batch_size == 64
+    assert TrainConfig.for_dim(6, train_settings={}).train_settings == {}
+    assert HIGH_DIM_DEFAULTS["train_settings"]["trace"] == "hutchinson"  # the constant is not mutated
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        TrainConfig.for_dim(0)
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    trainer = Trainer(CNF(6, hidden=(8,)), x, iterations=2, eval_every=0, progress=False)
+    assert trainer.config == dataclasses.replace(high, iterations=2, eval_every=0)
+    history = trainer.fit()
+    assert history["nfe_forward"] == [16, 16]  # the same four-step grid, now with a probe
+    # an explicit config, or another objective, keeps the class defaults
+    assert Trainer(CNF(6, hidden=(8,)), x, config=TrainConfig(), progress=False).config.batch_size == 128
+    from cnf_lib.matching import FlowMatching
+
+    matching = Trainer(CNF(6, hidden=(8,)), x, objective=FlowMatching(), progress=False)
+    assert matching.config.batch_size == 128
+
+
+def test_the_high_dim_training_grid_with_a_probe_differs_from_exact_and_evaluation_stays_exact() -> None:
+    # the model says exact; the 6-D defaults train with one probe (a different loss than the exact
+    # trace on the same batch), and the held-out NLL is the exact one
+    from cnf_lib.train import TrainConfig
+
+    x = torch.randn(512, 6, generator=torch.Generator().manual_seed(1)) * 0.7
+    losses = {}
+    for trace in ("hutchinson", "exact"):
+        torch.manual_seed(0)
+        model = CNF(6, hidden=(8,))
+        settings = dict(TrainConfig.for_dim(6).train_settings, trace=trace)
+        trainer = Trainer(model, x, x[:100], iterations=1, eval_every=1, progress=False, lr=1e-9,
+                          lr_final=1e-9, train_settings=settings, kinetic=0.0)
+        trainer.fit()
+        losses[trace] = trainer.history["loss"][0]
+        exact = -model.log_prob(x[:100], trace="exact", method="dopri5", rtol=1e-5, atol=1e-5).mean().item()
+        assert trainer.history["test_nll"][-1] == pytest.approx(exact, abs=1e-4)
+    assert losses["hutchinson"] != pytest.approx(losses["exact"], abs=1e-6)
 
 
 def test_the_default_training_solve_is_four_rk4_steps_and_evaluation_stays_adaptive() -> None:
