@@ -207,8 +207,11 @@ def _heldout(h: dict[str, Any]) -> list[str]:
 def _matching(m: dict[str, Any]) -> list[str]:
     rows = [[r["toy"], r["method"], " ".join(f"{g:.3f}" for g in r["gaps"]), r["mean_gap"], r["sd_gap"], r["cpu"]]
             for r in m["rows"]]
-    comps = [[c["toy"], f"{c['a']} − {c['b']}", " ".join(f"{d:+.3f}" for d in c["diffs"]), c["mean"], c["se"],
-              f"{c['a_ahead']} of {len(c['diffs'])}", f"{c['smallest_ratio']:.1f}–{c['largest_ratio']:.1f}"]
+    def short(method: str) -> str:
+        return method.replace("independent", "ind.")
+
+    comps = [[c["toy"], f"{short(c['a'])} − {short(c['b'])}", " ".join(f"{d:+.3f}" for d in c["diffs"]), c["mean"],
+              c["se"], f"{c['a_ahead']}/{len(c['diffs'])}", f"{c['smallest_ratio']:.1f}–{c['largest_ratio']:.1f}"]
              for c in m["comparisons"]]
     return [
         "## Flow matching beside maximum likelihood, several seeds (`bench_matching.py`)",
@@ -219,12 +222,11 @@ def _matching(m: dict[str, Any]) -> list[str]:
         "",
         table(["toy", "method", "gap per seed", "mean gap", "sd", "median CPU s"], rows, 3),
         "",
-        "Differences of test NLL (negative: the first method has the lower NLL), per seed and mean ± standard "
-        "error over seeds; the absolute difference over its paired standard error (per-point log-densities) "
-        "per seed, smallest–largest.",
+        "Differences of test NLL (negative: the first method has the lower NLL), per seed, and their mean and "
+        "standard error (se) over seeds; in paired se: each seed's absolute difference over its paired standard "
+        "error (per-point log-densities), smallest–largest.",
         "",
-        table(["toy", "comparison", "per seed", "mean", "se over seeds", "first ahead", "diff / paired se"],
-              comps, 4),
+        table(["toy", "comparison", "per seed", "mean", "se", "first ahead", "in paired se"], comps, 4),
         "",
     ]
 
