@@ -26,6 +26,7 @@ the parameters are those of the last good iteration, and the history and (with
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -178,7 +179,7 @@ class TrainConfig:
         """
         if int(dim) != dim or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        base = dict(HIGH_DIM_DEFAULTS) if dim > 2 else {}
+        base = copy.deepcopy(HIGH_DIM_DEFAULTS) if dim > 2 else {}  # a config never shares the constant's dicts
         return cls(**{**base, **fields})
 
     def lr_at(self, iteration: int) -> float:

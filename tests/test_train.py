@@ -371,7 +371,8 @@ def test_defaults_by_dimension_change_only_above_two_and_yield_to_what_is_passed
     assert high.lr == TrainConfig().lr and high.iterations == TrainConfig().iterations
     assert TrainConfig.for_dim(6, batch_size=64, train_settings={}).batch_size == 64
     assert TrainConfig.for_dim(6, train_settings={}).train_settings == {}
-    assert HIGH_DIM_DEFAULTS["train_settings"]["trace"] == "hutchinson"  # the constant is not mutated
+    TrainConfig.for_dim(6).train_settings["step_size"] = 0.1  # a user edits one config ...
+    assert HIGH_DIM_DEFAULTS["train_settings"]["step_size"] == 0.25  # ... and the defaults stay
     with pytest.raises(ValueError, match="dim must be a positive integer"):
         TrainConfig.for_dim(0)
     x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
