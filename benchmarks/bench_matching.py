@@ -52,16 +52,16 @@ def run(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict[s
     runs.sort(key=lambda r: r[1] == "FM independent")
     trained = fit_jobs([_job(*r, quick) for r in runs], processes=2)
     n_test = 200 if quick else common.TEST_SIZE
+    tests = {toy: make_toy(toy).sample(n_test, generator=torch.Generator().manual_seed(common.TEST_SEED))
+             for toy in TOYS}
     logps, cpu = {}, {}
     for (toy, method, seed), (trainer, _, cpu_s) in zip(runs, trained):
-        test = make_toy(toy).sample(n_test, generator=torch.Generator().manual_seed(common.TEST_SEED))
         with torch.no_grad():
-            logps[toy, method, seed] = trainer.model.log_prob(test, **common.EVAL_SETTINGS).double()
+            logps[toy, method, seed] = trainer.model.log_prob(tests[toy], **common.EVAL_SETTINGS).double()
         cpu[toy, method, seed] = cpu_s
     rows, comparisons = [], []
     for toy in TOYS:
-        test = make_toy(toy).sample(n_test, generator=torch.Generator().manual_seed(common.TEST_SEED))
-        true_nll = make_toy(toy).nll(test)
+        true_nll = make_toy(toy).nll(tests[toy])
         for method in METHODS:
             gaps = [-logps[toy, method, s].mean().item() - true_nll for s in seeds]
             rows.append(dict(toy=toy, method=method, gaps=gaps, mean_gap=float(np.mean(gaps)),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -34,49 +33,18 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_heldout  # noqa: E402
 import common  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from bench_heldout import N_TEST, N_TRAIN, _elongated_components, _mixture_logpdf, _mixture_sample, warped_mixture  # noqa: E402
+from bench_heldout import elongated, warped_mixture  # noqa: E402
 
-from cnf_lib import CNF, Trainer  # noqa: E402
-from cnf_lib.datasets import Standardizer  # noqa: E402
-
-
-def elongated_8d(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Four elongated 8-D Gaussians (components seed 5), weights 0.4/0.3/0.2/0.1, raw scale 20."""
-    comps, weights = _elongated_components(8, 4, 5, 0.02, 4.0), [0.4, 0.3, 0.2, 0.1]
-    x = _mixture_sample(n, weights, comps, rng)
-    scale = 20.0
-    return x * scale, _mixture_logpdf(x, weights, comps) - 8 * math.log(scale)
-
-
-TUNING_SETS = {"elongated-8d": elongated_8d,
+TUNING_SETS = {"elongated-8d": lambda n, rng: elongated(n, rng, dim=8, components_seed=5),
                "warped-10d": lambda n, rng: warped_mixture(n, rng, dim=10)}
 
 
 def train_and_score(name: str, settings: dict[str, Any], seed: int) -> dict[str, float]:
-    """One run of ``Trainer(CNF(D, hidden), x, **settings).fit()`` on a tuning set."""
-    sample = TUNING_SETS[name]
-    x_train, _ = sample(N_TRAIN, np.random.default_rng(1000 + seed))
-    x_test, logp_test = sample(N_TEST, np.random.default_rng(2000 + seed))
-    s = Standardizer.fit(torch.as_tensor(x_train, dtype=torch.float32))
-    z_train = s.transform(torch.as_tensor(x_train, dtype=torch.float32))
-    z_test = s.transform(torch.as_tensor(x_test, dtype=torch.float32))
-    settings = dict(settings)
-    hidden = tuple(settings.pop("hidden", (64, 64, 64)))
-    model_settings = settings.pop("model", {})
-    torch.manual_seed(seed)
-    model = CNF(x_train.shape[1], hidden=hidden, **model_settings)
-    trainer = Trainer(model, z_train, seed=seed, progress=False, **settings)
-    with common.Timer() as t:
-        trainer.fit()
-    with torch.no_grad():
-        logdet = float(s.log_abs_det())
-        adaptive = -(model.log_prob(z_test, **common.EVAL_SETTINGS).double().mean().item() + logdet)
-        grid = -(model.log_prob(z_test, trace="exact", method="rk4", step_size=trainer.grid_step)
-                 .double().mean().item() + logdet)
-    return dict(gap=adaptive + float(np.mean(logp_test)), grid=grid - adaptive, cpu=t.cpu, wall=t.wall)
+    """One run of ``Trainer(CNF(D, hidden, **model), x, **settings).fit()`` on a tuning set."""
+    out = bench_heldout.fit_and_score(TUNING_SETS[name], seed, **settings)
+    return dict(gap=out["gap"], grid=out["grid_minus_adaptive"], cpu=out["cpu"], wall=out["seconds"])
 
 
 def _cols(runs: list[dict[str, float]], key: str, fmt: str) -> str:
