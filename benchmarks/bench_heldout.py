@@ -4,14 +4,18 @@ The defaults (``TrainConfig``: 600 iterations, Adam 3e-2 → 1e-4 on a cosine, R
 four steps, kinetic 0.05, clipping at 1) were tuned on two moons and eight Gaussians; above two
 dimensions the trainer also trains with Hutchinson's estimator and 512 points per iteration
 (``TrainConfig.for_dim``), chosen on the tuning sets of ``tune_heldout.py`` (8-D and 10-D, other
-components). Every set here is a **reporting** set for the recipe: none of them was used to
-choose its settings. One
-exception, for a switch and not the recipe: ``refine_grid``'s default (off) was decided on
-banana-2d at 2× (refining cost 7× the CPU and did not help); banana-2d is therefore no longer a
-clean reporting set for that switch. Each has an exact
-log-density, a raw scale far from unit variance (a user standardizes it, as the trainer's warning
-says, and the standardization's log-determinant enters every NLL), 20,000 training and 5,000
-test points:
+components). Two more variants run on the 6-D and 12-D sets (``--variants``): ``warm_start``, the
+option ``cnf_lib.matching.warm_start`` (2,000 flow-matching iterations of 512 points), then the
+defaults with ``lr_period=400`` and 400 likelihood iterations per budget unit (chosen on the same
+tuning sets; the warm start stays at 2,000 iterations at every budget), and ``2d_recipe``, the 2-D
+defaults in every dimension (before ``for_dim``). Every set here is a **reporting** set for the
+recipe: none of them was used to choose its settings. Two exceptions, for switches and not the
+recipe: the warm start is an option and not a default because of what it did here (elongated-6d
+at 4×; RECIPE.md, sixth sweep), and ``refine_grid``'s default (off) was decided on banana-2d at
+2× (refining cost 7× the CPU and did not help); banana-2d is therefore no longer a clean
+reporting set for that switch. Each has an exact log-density, a raw scale far from unit variance
+(a user standardizes it, as the trainer's warning says, and the standardization's log-determinant
+enters every NLL), 20,000 training and 5,000 test points:
 
 * ``banana-2d`` — a curved 2-D density: x₁ ~ N(0, 1), x₂ | x₁ ~ N(b(x₁² − 1), 0.4²), scaled;
 * ``student-2d`` — an unequal mixture (0.7 / 0.3) of two bivariate Student t (ν = 5), heavy-ish tails;
@@ -22,9 +26,10 @@ test points:
 For each set, budget and seed the table gives the test NLL minus the true NLL (the KL estimate, in
 nats, exact trace by dopri5 at 1e-5), the NLL on the model's own training grid (exact trace, RK4
 at the step training ended with: 0.25, or finer where the trainer's grid check halved it) minus
-the adaptive one, and the training seconds. One torch thread.
+the adaptive one, and the training seconds (the warm start's included). One torch thread.
 
-    .venv/bin/python benchmarks/bench_heldout.py [--seeds 0,1,2] [--budgets 1,2,4] [--quick]
+    .venv/bin/python benchmarks/bench_heldout.py [--seeds 0,1,2] [--budgets 1,2,4] [--quick] \
+        [--sets elongated-6d,warped-12d] [--variants defaults,warm_start,2d_recipe]
 """
 
 from __future__ import annotations
@@ -45,8 +50,16 @@ from scipy import stats  # noqa: E402
 
 from cnf_lib import CNF, Trainer  # noqa: E402
 from cnf_lib.datasets import Standardizer  # noqa: E402
+from cnf_lib.matching import warm_start  # noqa: E402
+from cnf_lib.train import TrainConfig  # noqa: E402
 
 N_TRAIN, N_TEST = 20_000, 5_000
+
+#: The warm-start option as measured (RECIPE.md, sixth sweep): 2,000 flow-matching iterations
+#: (``cnf_lib.matching.warm_start``), then ``WARM_START_ITERATIONS`` likelihood iterations per budget
+#: unit on one cosine of that length.
+WARM_START_RECIPE: dict[str, Any] = dict(warm_start=2000, lr_period=400)
+WARM_START_ITERATIONS = 400
 
 
 def _mixture_logpdf(x: np.ndarray, weights, components) -> np.ndarray:
@@ -102,10 +115,13 @@ def elongated(n: int, rng: np.random.Generator, dim: int = 6,
     return x * scale, _mixture_logpdf(x, weights, comps) - dim * math.log(scale)
 
 
-def warped_mixture(n: int, rng: np.random.Generator, dim: int = 12) -> tuple[np.ndarray, np.ndarray]:
+def warped_mixture(n: int, rng: np.random.Generator, dim: int = 12,
+                   components_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A mixture of three elongated Gaussians (weights 0.5 / 0.3 / 0.2) through y = x + 0.6 sin x,
-    coordinate-wise (monotone: 1 + 0.6 cos x > 0); points (n, dim) and their exact log-density."""
-    comps, weights = _elongated_components(dim, 3, dim, 0.1, 2.0), [0.5, 0.3, 0.2]
+    coordinate-wise (monotone: 1 + 0.6 cos x > 0); points (n, dim) and their exact log-density.
+    The components are drawn with ``components_seed`` (default: ``dim``)."""
+    seed = dim if components_seed is None else components_seed
+    comps, weights = _elongated_components(dim, 3, seed, 0.1, 2.0), [0.5, 0.3, 0.2]
     x = _mixture_sample(n, weights, comps, rng)
     a = 0.6
     y = x + a * np.sin(x)
@@ -117,10 +133,12 @@ SETS = {"banana-2d": banana, "student-2d": student, "elongated-6d": elongated, "
 
 def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
                   hidden: tuple[int, ...] = (64, 64, 64), model: dict[str, Any] | None = None,
-                  **settings: Any) -> dict[str, float]:
+                  budget: float = 1, **settings: Any) -> dict[str, float]:
     """``Trainer(CNF(D, hidden, **model), x, seed=seed, **settings).fit()`` on standardized points of
-    ``sample(n, rng)``; the gap (test NLL − true NLL), the NLL on the training grid minus the
-    adaptive one, and the training seconds."""
+    ``sample(n, rng)``, with ``budget`` times the default iterations for D unless ``settings`` set
+    them, after ``cnf_lib.matching.warm_start`` if ``settings`` has ``warm_start`` (its iterations);
+    the gap (test NLL − true NLL), the NLL on the training grid minus the adaptive one, and the
+    training seconds (the warm start's included)."""
     x_train, _ = sample(n_train, np.random.default_rng(1000 + seed))
     x_test, logp_test = sample(n_test, np.random.default_rng(2000 + seed))
     s = Standardizer.fit(torch.as_tensor(x_train, dtype=torch.float32))
@@ -128,8 +146,12 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
     z_test = s.transform(torch.as_tensor(x_test, dtype=torch.float32))
     torch.manual_seed(seed)
     cnf = CNF(x_train.shape[1], hidden=tuple(hidden), **(model or {}))
+    settings.setdefault("iterations", round(budget * TrainConfig.for_dim(x_train.shape[1]).iterations))
+    warm = settings.pop("warm_start", 0)
     trainer = Trainer(cnf, z_train, seed=seed, progress=False, **settings)
     with common.Timer() as t:
+        if warm:
+            warm_start(cnf, z_train, iterations=warm, batch_size=trainer.config.batch_size, seed=seed, progress=False)
         trainer.fit()
     with torch.no_grad():
         logdet = float(s.log_abs_det())
@@ -138,33 +160,62 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
                  + logdet)
     true_nll = float(-np.mean(logp_test))
     return dict(gap=adaptive - true_nll, grid_minus_adaptive=grid - adaptive, seconds=t.wall, cpu=t.cpu,
-                true_nll=true_nll, final_step=trainer.grid_step)
+                true_nll=true_nll, final_step=trainer.grid_step, iterations=trainer.config.iterations,
+                warm_start=warm)
 
 
-def train_and_score(name: str, budget: int, seed: int, quick: bool) -> dict[str, float]:
-    """One set at ``budget`` times the default iterations."""
-    sizes = dict(n_train=2000, n_test=500) if quick else {}
-    return fit_and_score(SETS[name], seed, iterations=(30 if quick else 600) * budget, **sizes)
+#: What each variant passes to the trainer besides the budget's iterations (``None``: the defaults).
+#: ``warm_start`` and ``2d_recipe`` run on the sets of more than two dimensions only.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "warm_start": dict(WARM_START_RECIPE),
+    # the class defaults in every dimension: what the trainer did before TrainConfig.for_dim
+    "2d_recipe": dict(batch_size=TrainConfig().batch_size, train_settings=TrainConfig().train_settings),
+}
+ROWS_KEY = {"defaults": "rows", "warm_start": "rows_warm_start", "2d_recipe": "rows_2d_recipe"}
+
+
+def _dim(name: str) -> int:
+    return int(name.rsplit("-", 1)[1].rstrip("d"))
+
+
+def train_and_score(name: str, budget: int, seed: int, quick: bool, variant: str = "defaults") -> dict[str, float]:
+    """One set at ``budget`` times the default iterations (the warm-start option: 400 per unit)."""
+    settings: dict[str, Any] = dict(VARIANTS[variant])
+    if variant == "warm_start":
+        settings["iterations"] = WARM_START_ITERATIONS * budget
+    if quick:
+        settings.update(n_train=2000, n_test=500, iterations=30 * budget)
+        if variant == "warm_start":
+            settings["warm_start"] = 20
+    return fit_and_score(SETS[name], seed, budget=budget, **settings)
 
 
 def run(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), budgets: tuple[int, ...] = (1, 2, 4),
-        sets: tuple[str, ...] = tuple(SETS)) -> dict[str, Any]:
-    """Every set × budget × seed; one row per set and budget (per-seed gaps, medians)."""
-    rows = []
-    for name in sets:
-        for budget in budgets:
-            results = [train_and_score(name, budget, seed, quick) for seed in seeds]
-            rows.append(dict(set=name, budget=budget, iterations=(30 if quick else 600) * budget,
-                             gaps=[r["gap"] for r in results], gap=common.median([r["gap"] for r in results]),
-                             grid_minus_adaptive=common.median([r["grid_minus_adaptive"] for r in results]),
-                             cpu=common.median([r["cpu"] for r in results]),
-                             wall=common.median([r["seconds"] for r in results]), true_nll=results[0]["true_nll"],
-                             final_steps=[r["final_step"] for r in results]))
-            r = rows[-1]
-            print(f"  {name} x{budget}: gap {r['gap']:.3f} (seeds {' '.join(f'{g:.3f}' for g in r['gaps'])}), "
-                  f"own grid - adaptive {r['grid_minus_adaptive']:+.3f}, {r['cpu']:.0f} CPU s, final training step "
-                  f"{' '.join(f'{h:g}' for h in r['final_steps'])}", flush=True)
-    return dict(seeds=list(seeds), n_train=N_TRAIN, n_test=N_TEST, rows=rows)
+        sets: tuple[str, ...] = tuple(SETS), variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
+    """Every variant × set × budget × seed; per variant, one row per set and budget (per-seed gaps,
+    medians), under ``rows`` (the defaults), ``rows_warm_start`` and ``rows_2d_recipe``."""
+    out: dict[str, Any] = dict(seeds=list(seeds), n_train=N_TRAIN, n_test=N_TEST)
+    for variant in variants:
+        rows = out.setdefault(ROWS_KEY[variant], [])
+        for name in sets:
+            if variant != "defaults" and _dim(name) <= 2:
+                continue
+            for budget in budgets:
+                results = [train_and_score(name, budget, seed, quick, variant) for seed in seeds]
+                rows.append(dict(set=name, budget=budget, iterations=results[0]["iterations"],
+                                 warm_start=results[0]["warm_start"],
+                                 gaps=[r["gap"] for r in results], gap=common.median([r["gap"] for r in results]),
+                                 grid_minus_adaptive=common.median([r["grid_minus_adaptive"] for r in results]),
+                                 cpu=common.median([r["cpu"] for r in results]),
+                                 wall=common.median([r["seconds"] for r in results]),
+                                 true_nll=results[0]["true_nll"], final_steps=[r["final_step"] for r in results]))
+                r = rows[-1]
+                print(f"  {variant} {name} x{budget}: gap {r['gap']:.3f} (seeds "
+                      f"{' '.join(f'{g:.3f}' for g in r['gaps'])}), own grid - adaptive "
+                      f"{r['grid_minus_adaptive']:+.3f}, {r['cpu']:.0f} CPU s, final training step "
+                      f"{' '.join(f'{h:g}' for h in r['final_steps'])}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="1,2,4")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="defaults (every set); warm_start, 2d_recipe (the sets above 2-D)")
     args = parser.parse_args(argv)
     common.setup_threads(1)
     out = run(args.quick, tuple(int(v) for v in args.seeds.split(",")),
-              tuple(int(v) for v in args.budgets.split(",")), tuple(args.sets.split(",")))
+              tuple(int(v) for v in args.budgets.split(",")), tuple(args.sets.split(",")),
+              tuple(args.variants.split(",")))
     from report import _heldout
 
     print("\n".join(_heldout(out)))

@@ -180,8 +180,13 @@ def _book(bk: dict[str, Any]) -> list[str]:
 
 
 def _heldout(h: dict[str, Any]) -> list[str]:
-    rows = [[r["set"], f"{r['budget']}× ({r['iterations']})", " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"],
-             r["grid_minus_adaptive"], r["cpu"], r["true_nll"]] for r in h["rows"]]
+    def rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+        def budget(r: dict[str, Any]) -> str:
+            warm = f" + {r['warm_start']:,} FM" if r.get("warm_start") else ""
+            return f"{r['budget']}× ({r['iterations']}{warm})"
+        return [[r["set"], budget(r), " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"], r["grid_minus_adaptive"],
+                 r["cpu"], r["true_nll"]] for r in records]
+
     header = ["set", "budget (iterations)", "gap per seed", "median gap", "own grid − adaptive", "CPU s", "true NLL"]
     out = [
         "## The defaults on densities they were not tuned on (`bench_heldout.py`)",
@@ -193,14 +198,19 @@ def _heldout(h: dict[str, Any]) -> list[str]:
         "Above two dimensions the defaults are `TrainConfig.for_dim`'s (Hutchinson's estimator in training, "
         "512 points per iteration).",
         "",
-        table(header, rows, 3),
+        table(header, rows(h["rows"]), 3),
         "",
     ]
+    if h.get("rows_warm_start"):
+        out += [f"The 6-D and 12-D sets with the warm-start option (variant `warm_start`, the run of "
+                f"{h.get('date_warm_start', h.get('date', 'this run'))}): 2,000 flow-matching iterations (FM), "
+                "then the defaults above with 400 likelihood iterations per budget unit on one cosine of 400; CPU s "
+                "include the warm start:",
+                "", table(header, rows(h["rows_warm_start"]), 3), ""]
     if h.get("rows_2d_recipe"):
-        before = [[r["set"], f"{r['budget']}× ({r['iterations']})", " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"],
-                   r["grid_minus_adaptive"], r["cpu"], r["true_nll"]] for r in h["rows_2d_recipe"]]
-        out += [f"The same sets with the 2-D defaults in every dimension (the run of {h['date_2d_recipe']}, before "
-                "`TrainConfig.for_dim`):", "", table(header, before, 3), ""]
+        out += [f"The same sets with the 2-D defaults in every dimension (variant `2d_recipe`, the run of "
+                f"{h.get('date_2d_recipe', h.get('date', 'this run'))}, before "
+                "`TrainConfig.for_dim`):", "", table(header, rows(h["rows_2d_recipe"]), 3), ""]
     return out
 
 

@@ -61,17 +61,21 @@ from .checks import check_points, randn, uniform
 from .fields import ConcatSquashMLP
 from .objectives import MaximumLikelihood, Sampler
 
-if TYPE_CHECKING:  # type hints only
-    from .train import TrainConfig
+if TYPE_CHECKING:  # type hints only (warm_start imports the trainer when it runs)
+    from .train import TrainConfig, Trainer
 
 __all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
-           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS"]
+           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS", "warm_start",
+           "WARM_START_SETTINGS"]
 
 #: The :class:`~cnf_lib.train.Trainer` settings of flow matching on the 2-D toys, chosen by chapter 8's
 #: search on 2,000 validation points of two moons (eight Gaussians only checked): 2,000 iterations of
 #: 256 points, Adam 3e-2 on one cosine to 3e-4, no clipping, no kinetic term (flow matching has none).
 TOY_SETTINGS: dict[str, Any] = dict(iterations=2000, batch_size=256, lr=3e-2, lr_final=3e-4, lr_period=None,
                                     grad_clip=None, kinetic=0.0, eval_every=0)
+
+#: The schedule of :func:`warm_start`: chapter 8's toy settings but for the iterations and the batch.
+WARM_START_SETTINGS: dict[str, Any] = {k: v for k, v in TOY_SETTINGS.items() if k not in ("iterations", "batch_size")}
 
 #: The couplings of prior and data points :class:`FlowMatching` knows.
 PAIRINGS: tuple[str, ...] = ("independent", "ot")
@@ -247,6 +251,10 @@ class FlowMatching(MatchingObjective):
                              f"got {type(model).__name__}")
         if not model.t1 > 0:
             raise ValueError(f"FlowMatching needs the data at a time t1 > 0, got t1={model.t1}")
+        if getattr(model, "base", None) is not None:
+            raise ValueError("FlowMatching transports N(0, I) to the data, but this CNF has another base density "
+                             f"({type(model.base).__name__}): train it by maximum likelihood, or build the CNF "
+                             "without a base")
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
         """Validates training data (points (n, D) or a sampler) or held-out points (n, D)."""
@@ -313,6 +321,49 @@ class FlowMatching(MatchingObjective):
                  generator: torch.Generator) -> tuple[float, int]:
         """``(held-out NLL, NFE)`` by maximum likelihood with ``config.eval_settings`` (an ODE solve)."""
         return self._likelihood.evaluate(model, data, config, generator)
+
+
+def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int = 2000, batch_size: int = 512,
+               seed: int = 0, progress: bool = True) -> Trainer:
+    r"""Trains a CNF's field by flow matching (independent pairs), to start maximum likelihood from.
+
+    A flow-matching iteration evaluates the field once, with no ODE solve; a maximum-likelihood
+    iteration solves the ODE with the trace and backpropagates through the solve (16 evaluations on
+    the trainer's default grid). So a few thousand cheap iterations find the rough shape of the
+    flow, and a :class:`~cnf_lib.train.Trainer` by maximum likelihood then refines the same model::
+
+        warm_start(model, x)                          # 2,000 flow-matching iterations
+        Trainer(model, x, iterations=400).fit()       # then maximum likelihood
+
+    Measured in 6 and 12 dimensions (benchmarks/bench_heldout.py, variant ``warm_start``; the
+    Performance appendix): with 400 likelihood iterations after it, closer to the truth than the
+    600 of the trainer's defaults at about the same CPU time (0.136 against 0.223 nats on a 6-D
+    mixture, 0.388 against 0.492 on a 12-D one, medians of three seeds); but on the 6-D set four
+    times the likelihood iterations after it ended farther from the truth than one (0.210 nats),
+    the field fitting its training grid. So it is an option for a short budget, not the default.
+
+    Arguments:
+        model: a :class:`~cnf_lib.cnf.CNF` with the N(0, I) base (flow matching transports it).
+        train_data: training points (n, D) or a sampler ``(n, generator) -> (n, D)``.
+        iterations: flow-matching iterations.
+        batch_size: points per iteration.
+        seed: seeds the trainer's generator (batches, prior points, times).
+        progress: show the trainer's progress bar.
+
+    Returns:
+        The flow-matching :class:`~cnf_lib.train.Trainer`, fitted (its ``history`` has the loss);
+        the model is trained in place. Settings: :data:`WARM_START_SETTINGS` (chapter 8's), with
+        Adam on one cosine from 3e-2 to 3e-4 and no clipping.
+
+    Raises:
+        ValueError: for a model with another base density, or bad data (as :class:`FlowMatching`).
+    """
+    from .train import TrainConfig, Trainer
+
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed, **WARM_START_SETTINGS)
+    trainer = Trainer(model, train_data, objective=FlowMatching("independent"), config=config, progress=progress)
+    trainer.fit()
+    return trainer
 
 
 # -- closed forms for a Gaussian target (tests and the chapter's exercise) ------------------------

@@ -331,3 +331,43 @@ def test_resuming_with_other_pairs_or_sigma_is_refused_by_name(tmp_path) -> None
         _fm_trainer("independent", sigma=0.1, iterations=3).resume(path)
     with pytest.raises(ValueError, match=r"sigma: saved 0.1, here 0.0"):
         _fm_trainer("ot", sigma=0.0, iterations=3).resume(path)
+
+
+# -- warm_start: flow matching as the start of maximum likelihood ------------------------------------
+
+def test_warm_start_is_the_flow_matching_trainer_of_its_settings_and_brings_a_gaussian_close() -> None:
+    from cnf_lib.matching import WARM_START_SETTINGS, warm_start
+
+    sample = gaussian_sampler()
+    x = sample(2048, torch.Generator().manual_seed(0))
+    test = sample(2000, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = CNF(2, hidden=(16, 16))
+    before = Trainer(model, x, test, progress=False).evaluate()
+    fm = warm_start(model, x, iterations=300, batch_size=256, seed=4, progress=False)
+    assert fm.iteration == 300 and all(math.isnan(v) for v in fm.history["nll"])
+    torch.manual_seed(0)
+    reference = Trainer(CNF(2, hidden=(16, 16)), x, objective=FlowMatching("independent"), progress=False,
+                        config=TrainConfig(iterations=300, batch_size=256, seed=4, **WARM_START_SETTINGS))
+    assert reference.fit()["loss"] == fm.history["loss"]
+    true_nll = 0.5 * torch.logdet(2 * math.pi * math.e * COV).item()  # the Gaussian's entropy
+    after = Trainer(model, x, test, progress=False).evaluate()
+    assert before - true_nll > 0.5 and after - true_nll < 0.1
+    # maximum likelihood goes on from the warm-started field
+    ml = Trainer(model, x, test, iterations=30, batch_size=256, lr=3e-3, eval_every=0, progress=False)
+    ml.fit()
+    assert ml.history["test_nll"][-1] - true_nll < 0.1
+
+
+def test_flow_matching_and_warm_start_refuse_a_cnf_with_another_base() -> None:
+    from cnf_lib.cnf import GaussianMixtureBase
+    from cnf_lib.matching import warm_start
+
+    base = GaussianMixtureBase(torch.ones(1), torch.zeros(1, 2), torch.eye(2).unsqueeze(0))
+    x = gaussian_sampler()(64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="transports N\\(0, I\\) .* another base density"):
+        warm_start(CNF(2, hidden=(8,), base=base), x, iterations=2, progress=False)
+    with pytest.raises(ValueError, match="another base density"):
+        Trainer(CNF(2, hidden=(8,), base=base), x, objective=FlowMatching(), kinetic=0.0, progress=False)
+    with pytest.raises(ValueError, match="at least|must be >= 0|iterations must be"):
+        warm_start(CNF(2, hidden=(8,)), x, iterations=-1, progress=False)
