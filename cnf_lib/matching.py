@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ot
@@ -60,9 +60,7 @@ from torch import Tensor, nn
 from .checks import check_points, randn, uniform
 from .fields import ConcatSquashMLP
 from .objectives import MaximumLikelihood, Sampler
-
-if TYPE_CHECKING:  # type hints only (warm_start imports the trainer when it runs)
-    from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer
 
 __all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
            "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS", "warm_start",
@@ -358,8 +356,6 @@ def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int =
     Raises:
         ValueError: for a model with another base density, or bad data (as :class:`FlowMatching`).
     """
-    from .train import TrainConfig, Trainer
-
     config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed, **WARM_START_SETTINGS)
     trainer = Trainer(model, train_data, objective=FlowMatching("independent"), config=config, progress=progress)
     trainer.fit()
