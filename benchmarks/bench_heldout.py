@@ -4,18 +4,21 @@ The defaults (``TrainConfig``: 600 iterations, Adam 3e-2 → 1e-4 on a cosine, R
 four steps, kinetic 0.05, clipping at 1) were tuned on two moons and eight Gaussians; above two
 dimensions the trainer also trains with Hutchinson's estimator and 512 points per iteration
 (``TrainConfig.for_dim``), chosen on the tuning sets of ``tune_heldout.py`` (8-D and 10-D, other
-components). Two more variants run on the 6-D and 12-D sets (``--variants``): ``warm_start``, the
+components). Three more variants run on the 6-D and 12-D sets (``--variants``): ``warm_start``, the
 option ``cnf_lib.matching.warm_start`` (2,000 flow-matching iterations of 512 points), then the
 defaults with ``lr_period=400`` and 400 likelihood iterations per budget unit (chosen on the same
-tuning sets; the warm start stays at 2,000 iterations at every budget), and ``2d_recipe``, the 2-D
-defaults in every dimension (before ``for_dim``). Every set here is a **reporting** set for the
-recipe: none of them was used to choose its settings. Two exceptions, for switches and not the
-recipe: the warm start is an option and not a default because of what it did here (elongated-6d
-at 4×; RECIPE.md, sixth sweep), and ``refine_grid``'s default (off) was decided on banana-2d at
-2× (refining cost 7× the CPU and did not help); banana-2d is therefore no longer a clean
-reporting set for that switch. Each has an exact log-density, a raw scale far from unit variance
-(a user standardizes it, as the trainer's warning says, and the standardization's log-determinant
-enters every NLL), 20,000 training and 5,000 test points:
+tuning sets; the warm start stays at 2,000 iterations at every budget); ``flow_matching``, flow
+matching alone at its defaults for D (``Trainer(model, x, objective=FlowMatching())``: 3,000
+iterations of 2,048 points per budget unit, ``cnf_lib.matching.HIGH_DIM_MATCHING``, chosen on the
+same tuning sets); and ``2d_recipe``, the 2-D defaults in every dimension (before ``for_dim``).
+Every set here is a **reporting** set for the recipes: none of them was used to choose their
+settings. Two exceptions, for switches and not the recipe: the warm start is an option and not a
+default because of what it did here (elongated-6d at 4×; RECIPE.md, sixth sweep), and
+``refine_grid``'s default (off) was decided on banana-2d at 2× (refining cost 7× the CPU and did not
+help); banana-2d is therefore no longer a clean reporting set for that switch. Each has an exact
+log-density, a raw scale far from unit variance (a user standardizes it, as the trainer's warning
+says, and the standardization's log-determinant enters every NLL), 20,000 training and 5,000 test
+points:
 
 * ``banana-2d`` — a curved 2-D density: x₁ ~ N(0, 1), x₂ | x₁ ~ N(b(x₁² − 1), 0.4²), scaled;
 * ``student-2d`` — an unequal mixture (0.7 / 0.3) of two bivariate Student t (ν = 5), heavy-ish tails;
@@ -29,7 +32,7 @@ at the step training ended with: 0.25, or finer where the trainer's grid check h
 the adaptive one, and the training seconds (the warm start's included). One torch thread.
 
     .venv/bin/python benchmarks/bench_heldout.py [--seeds 0,1,2] [--budgets 1,2,4] [--quick] \
-        [--sets elongated-6d,warped-12d] [--variants defaults,warm_start,2d_recipe]
+        [--sets elongated-6d,warped-12d] [--variants defaults,warm_start,2d_recipe,flow_matching]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from scipy import stats  # noqa: E402
 
 from cnf_lib import CNF, Trainer  # noqa: E402
 from cnf_lib.datasets import Standardizer  # noqa: E402
-from cnf_lib.matching import warm_start  # noqa: E402
+from cnf_lib.matching import FlowMatching, warm_start  # noqa: E402
 from cnf_lib.train import TrainConfig  # noqa: E402
 
 N_TRAIN, N_TEST = 20_000, 5_000
@@ -127,12 +130,15 @@ SETS = {"banana-2d": banana, "student-2d": student, "elongated-6d": elongated, "
 
 def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
                   hidden: tuple[int, ...] = (64, 64, 64), model: dict[str, Any] | None = None,
-                  budget: float = 1, **settings: Any) -> dict[str, float]:
+                  budget: float = 1, objective: str = "likelihood", **settings: Any) -> dict[str, float]:
     """``Trainer(CNF(D, hidden, **model), x, seed=seed, **settings).fit()`` on standardized points of
-    ``sample(n, rng)``, with ``budget`` times the default iterations for D unless ``settings`` set
-    them, after ``cnf_lib.matching.warm_start`` if ``settings`` has ``warm_start`` (its iterations);
-    the gap (test NLL − true NLL), the NLL on the training grid minus the adaptive one, and the
-    training seconds (the warm start's included)."""
+    ``sample(n, rng)``, by maximum likelihood (``objective="likelihood"``) or flow matching
+    (``"flow_matching"``, ``FlowMatching()``), with ``budget`` times that objective's default
+    iterations for D unless ``settings`` set them, after ``cnf_lib.matching.warm_start`` if
+    ``settings`` has ``warm_start`` (its iterations); the gap (test NLL − true NLL), the NLL on the
+    training grid minus the adaptive one, and the training seconds (the warm start's included)."""
+    if objective not in ("likelihood", "flow_matching"):
+        raise ValueError(f"objective must be 'likelihood' or 'flow_matching', got {objective!r}")
     x_train, _ = sample(n_train, np.random.default_rng(1000 + seed))
     x_test, logp_test = sample(n_test, np.random.default_rng(2000 + seed))
     s = Standardizer.fit(torch.as_tensor(x_train, dtype=torch.float32))
@@ -140,9 +146,12 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
     z_test = s.transform(torch.as_tensor(x_test, dtype=torch.float32))
     torch.manual_seed(seed)
     cnf = CNF(x_train.shape[1], hidden=tuple(hidden), **(model or {}))
-    settings.setdefault("iterations", round(budget * TrainConfig.for_dim(x_train.shape[1]).iterations))
+    matching = objective == "flow_matching"
+    defaults = (FlowMatching.default_config if matching else TrainConfig.for_dim)(x_train.shape[1])
+    settings.setdefault("iterations", round(budget * defaults.iterations))
     warm = settings.pop("warm_start", 0)
-    trainer = Trainer(cnf, z_train, seed=seed, progress=False, **settings)
+    trainer = Trainer(cnf, z_train, seed=seed, progress=False, objective=FlowMatching() if matching else None,
+                      **settings)
     with common.Timer() as t:
         if warm:
             warm_start(cnf, z_train, iterations=warm, batch_size=trainer.config.batch_size, seed=seed, progress=False)
@@ -159,7 +168,7 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
 
 
 #: What each variant passes to ``fit_and_score``; ``iterations`` there are per budget unit (absent:
-#: the trainer's default for D). ``warm_start`` and ``2d_recipe`` run on the sets above 2-D only.
+#: the objective's default for D). All but ``defaults`` run on the sets above 2-D only.
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     # the option as measured (RECIPE.md, sixth sweep): cnf_lib.matching.warm_start's 2,000 flow-matching
@@ -167,8 +176,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "warm_start": dict(warm_start=2000, iterations=400, lr_period=400),
     # the class defaults in every dimension: what the trainer did before TrainConfig.for_dim
     "2d_recipe": dict(batch_size=TrainConfig().batch_size, train_settings=TrainConfig().train_settings),
+    # flow matching alone at its defaults for D (FlowMatching.default_config: 3,000 iterations of 2,048
+    # points above two dimensions, chosen on the tuning sets; RECIPE.md, seventh sweep)
+    "flow_matching": dict(objective="flow_matching"),
 }
-ROWS_KEY = {"defaults": "rows", "warm_start": "rows_warm_start", "2d_recipe": "rows_2d_recipe"}
+ROWS_KEY = {"defaults": "rows", "warm_start": "rows_warm_start", "2d_recipe": "rows_2d_recipe",
+            "flow_matching": "rows_flow_matching"}
 
 
 def _dim(name: str) -> int:
@@ -190,7 +203,7 @@ def train_and_score(name: str, budget: int, seed: int, quick: bool, variant: str
 def run(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), budgets: tuple[int, ...] = (1, 2, 4),
         sets: tuple[str, ...] = tuple(SETS), variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Any]:
     """Every variant × set × budget × seed; per variant, one row per set and budget (per-seed gaps,
-    medians), under ``rows`` (the defaults), ``rows_warm_start`` and ``rows_2d_recipe``."""
+    medians), under ``rows`` (the defaults) and ``rows_<variant>`` (:data:`ROWS_KEY`)."""
     out: dict[str, Any] = dict(seeds=list(seeds), n_train=N_TRAIN, n_test=N_TEST)
     for variant in variants:
         rows = out.setdefault(ROWS_KEY[variant], [])
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="defaults (every set); warm_start, 2d_recipe (the sets above 2-D)")
+                        help="defaults (every set); warm_start, 2d_recipe, flow_matching (the sets above 2-D)")
     args = parser.parse_args(argv)
     common.setup_threads(1)
     out = run(args.quick, tuple(int(v) for v in args.seeds.split(",")),

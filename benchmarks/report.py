@@ -204,6 +204,12 @@ def _heldout(h: dict[str, Any]) -> list[str]:
                 "defaults above with 400 likelihood iterations per budget unit on one cosine of 400 (the budget "
                 "column counts the likelihood iterations); CPU s include the warm start:",
                 "", table(header, rows(h["rows_warm_start"]), 3), ""]
+    if h.get("rows_flow_matching"):
+        out += [f"The 6-D and 12-D sets trained by flow matching alone (variant `flow_matching`, the run of "
+                f"{h.get('date_flow_matching', h.get('date', 'this run'))}): `Trainer(model, x, "
+                "objective=FlowMatching())` at its defaults for D, 3,000 iterations of 2,048 points per budget "
+                "unit (the budget column counts them), no likelihood iterations:",
+                "", table(header, rows(h["rows_flow_matching"]), 3), ""]
     if h.get("rows_2d_recipe"):
         out += [f"The same sets with the 2-D defaults in every dimension (variant `2d_recipe`, the run of "
                 f"{h.get('date_2d_recipe', h.get('date', 'this run'))}, before "

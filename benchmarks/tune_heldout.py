@@ -17,11 +17,15 @@ Hutchinson's estimator in training with 512 points per iteration, at about the s
 0.207 and 0.456 (kept: ``cnf_lib.train.HIGH_DIM_DEFAULTS``); that, after a warm start of 2,000
 flow-matching iterations and with 400 likelihood iterations instead of 600 (``--set '{"warm_start":
 2000, "iterations": 400, "lr_period": 400}'``), 0.140 and 0.285 (an option, not a default: on a
-reported set it was not monotone in the budget; RECIPE.md, sixth sweep). ``warped-12d-other``
-(the warped mixture in 12-D, components drawn with seed 5) checked the option over three seeds.
+reported set it was not monotone in the budget; RECIPE.md, sixth sweep); flow matching alone, 3,000
+iterations of 2,048 points (``--set '{"objective": "flow_matching"}'``, the defaults of
+``FlowMatching.default_config`` for D > 2), 0.148 and 0.299 in about 50 CPU s, 0.076 and 0.150 at four
+times the iterations (RECIPE.md, seventh sweep). ``warped-12d-other`` (the warped mixture in 12-D,
+components drawn with seed 5) checked both over three seeds.
 
 Each ``--set`` is one JSON dictionary of ``Trainer`` settings, plus ``hidden`` (the field's
-widths); ``{}`` is the trainer's defaults for that dimension. Each run prints the gap (test NLL
+widths), ``objective`` (``"likelihood"`` or ``"flow_matching"``) and ``warm_start`` (flow-matching
+iterations before the trainer); ``{}`` is the trainer's defaults for that dimension. Each run prints the gap (test NLL
 minus true NLL, nats), the NLL on the training grid minus the adaptive one, and the CPU seconds of
 training.
 """

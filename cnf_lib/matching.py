@@ -63,8 +63,8 @@ from .objectives import MaximumLikelihood, Sampler
 from .train import TrainConfig, Trainer
 
 __all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
-           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS", "warm_start",
-           "WARM_START_SETTINGS"]
+           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS", "HIGH_DIM_MATCHING",
+           "warm_start"]
 
 #: The :class:`~cnf_lib.train.Trainer` settings of flow matching on the 2-D toys, chosen by chapter 8's
 #: search on 2,000 validation points of two moons (eight Gaussians only checked): 2,000 iterations of
@@ -72,8 +72,12 @@ __all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "o
 TOY_SETTINGS: dict[str, Any] = dict(iterations=2000, batch_size=256, lr=3e-2, lr_final=3e-4, lr_period=None,
                                     grad_clip=None, kinetic=0.0, eval_every=0)
 
-#: The schedule of :func:`warm_start`: chapter 8's toy settings but for the iterations and the batch.
-WARM_START_SETTINGS: dict[str, Any] = {k: v for k, v in TOY_SETTINGS.items() if k not in ("iterations", "batch_size")}
+#: What :meth:`FlowMatching.default_config` changes from :data:`TOY_SETTINGS` for data of more than two
+#: dimensions: 3,000 iterations of 2,048 points (about 50 s of one CPU core in 10-D). Chosen on the
+#: tuning sets of benchmarks/tune_heldout.py (an elongated Gaussian mixture in 8-D, a warped mixture in
+#: 10-D; RECIPE.md, seventh sweep): gaps 0.148 and 0.299 nats, against 0.207 and 0.456 for maximum
+#: likelihood's defaults at about the same CPU time, and 0.109 / 0.209 at 2x, 0.076 / 0.150 at 4x.
+HIGH_DIM_MATCHING: dict[str, Any] = dict(iterations=3000, batch_size=2048)
 
 #: The couplings of prior and data points :class:`FlowMatching` knows.
 PAIRINGS: tuple[str, ...] = ("independent", "ot")
@@ -223,8 +227,10 @@ class FlowMatching(MatchingObjective):
     held-out score (:meth:`evaluate`) is the NLL by an ODE solve with ``config.eval_settings``,
     exactly as :class:`~cnf_lib.objectives.MaximumLikelihood` computes it.
 
-    The trainer's ``kinetic``, ``frobenius`` must be 0 (flow matching has no such terms: pass
-    ``kinetic=0``), and its ``train_settings`` are not used (there is no training solve).
+    The trainer's ``kinetic``, ``frobenius`` must be 0 (flow matching has no such terms), and its
+    ``train_settings`` are not used (there is no training solve). Given fields rather than a
+    ``config``, the trainer takes :meth:`default_config`: chapter 8's settings (no kinetic term) in
+    two dimensions, more iterations of more points above.
 
     Arguments:
         pairs: ``"independent"`` or ``"ot"`` (exact mini-batch optimal transport, :func:`ot_pairing`).
@@ -253,6 +259,19 @@ class FlowMatching(MatchingObjective):
             raise ValueError("FlowMatching transports N(0, I) to the data, but this CNF has another base density "
                              f"({type(model.base).__name__}): train it by maximum likelihood, or build the CNF "
                              "without a base")
+
+    @staticmethod
+    def default_config(dim: int, **fields: Any) -> TrainConfig:
+        """The trainer's settings for flow matching on ``dim``-dimensional data, ``fields`` overriding them.
+
+        :data:`TOY_SETTINGS` (chapter 8's, chosen on two moons) in one or two dimensions; above,
+        with :data:`HIGH_DIM_MATCHING` (more iterations of more points). :class:`~cnf_lib.train.Trainer`
+        uses this when it is given fields rather than a ``config``.
+        """
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        settings = {**TOY_SETTINGS, **(HIGH_DIM_MATCHING if dim > 2 else {})}
+        return TrainConfig(**{**settings, **fields})
 
     def check_data(self, model: nn.Module, data: Any, name: str) -> Tensor | Sampler:
         """Validates training data (points (n, D) or a sampler) or held-out points (n, D)."""
@@ -339,6 +358,8 @@ def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int =
     mixture, 0.388 against 0.492 on a 12-D one, medians of three seeds); but on the 6-D set four
     times the likelihood iterations after it ended farther from the truth than one (0.210 nats),
     the field fitting its training grid. So it is an option for a short budget, not the default.
+    Flow matching alone at its defaults for D (:meth:`FlowMatching.default_config`: more iterations
+    of more points) gained more from a longer budget (the same appendix).
 
     Arguments:
         model: a :class:`~cnf_lib.cnf.CNF` with the N(0, I) base (flow matching transports it).
@@ -350,14 +371,14 @@ def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int =
 
     Returns:
         The flow-matching :class:`~cnf_lib.train.Trainer`, fitted (its ``history`` has the loss);
-        the model is trained in place. Settings: :data:`WARM_START_SETTINGS` (chapter 8's), with
-        Adam on one cosine from 3e-2 to 3e-4 and no clipping.
+        the model is trained in place. Settings: :meth:`FlowMatching.default_config`'s but for the
+        iterations and the batch (Adam on one cosine from 3e-2 to 3e-4, no clipping).
 
     Raises:
         ValueError: for a model with another base density, or bad data (as :class:`FlowMatching`).
     """
-    config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed, **WARM_START_SETTINGS)
-    trainer = Trainer(model, train_data, objective=FlowMatching("independent"), config=config, progress=progress)
+    trainer = Trainer(model, train_data, objective=FlowMatching("independent"), iterations=iterations,
+                      batch_size=batch_size, seed=seed, progress=progress)
     trainer.fit()
     return trainer
 

@@ -57,6 +57,11 @@ class Objective(Protocol):
     Attributes:
         records: names of extra per-iteration values that :meth:`loss` returns (besides ``nll``
             and ``nfe_forward``), kept in the trainer's history.
+
+    An objective may also have ``default_config(dim, **fields) -> TrainConfig``: the settings the
+    trainer takes when it is given fields rather than a config (maximum likelihood's are
+    :meth:`TrainConfig.for_dim <cnf_lib.train.TrainConfig.for_dim>`; flow matching's,
+    :meth:`FlowMatching.default_config <cnf_lib.matching.FlowMatching.default_config>`).
     """
 
     records: tuple[str, ...]

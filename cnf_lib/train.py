@@ -253,7 +253,9 @@ class Trainer:
             likelihood), or ``None``.
         config: a :class:`TrainConfig` (or pass its fields as keyword arguments: for maximum
             likelihood on a model of more than two dimensions, the fields not passed then take
-            the defaults of :meth:`TrainConfig.for_dim`, not the class's 2-D ones).
+            the defaults of :meth:`TrainConfig.for_dim`, not the class's 2-D ones; for an
+            objective with a ``default_config(dim, **fields)`` method, such as
+            :class:`~cnf_lib.matching.FlowMatching`, that method's).
         objective: what one iteration minimizes (default :class:`~cnf_lib.objectives.MaximumLikelihood`).
         checkpoint_path: where checkpoints are written (and read by :meth:`resume`).
         progress: show a tqdm bar with the loss, the NFE and the last held-out NLL.
@@ -299,9 +301,16 @@ class Trainer:
             if unknown:
                 raise ValueError(f"unknown training setting(s) {unknown}; TrainConfig has: {sorted(known)}")
         self.objective = objective if objective is not None else MaximumLikelihood()
-        if config is None:  # defaults by dimension for maximum likelihood (TrainConfig.for_dim)
-            by_dim = isinstance(self.objective, MaximumLikelihood) and isinstance(getattr(model, "dim", None), int)
-            config = TrainConfig.for_dim(model.dim, **config_fields) if by_dim else TrainConfig(**config_fields)
+        if config is None:  # defaults by dimension: TrainConfig.for_dim, or the objective's own
+            dim = getattr(model, "dim", None)
+            if not isinstance(dim, int):
+                config = TrainConfig(**config_fields)
+            elif isinstance(self.objective, MaximumLikelihood):
+                config = TrainConfig.for_dim(dim, **config_fields)
+            elif hasattr(self.objective, "default_config"):
+                config = self.objective.default_config(dim, **config_fields)
+            else:
+                config = TrainConfig(**config_fields)
         self.config = config
         self.model = model
         self.train_data = self.objective.check_data(model, train_data, "train_data")

@@ -16,6 +16,8 @@ import cnf_lib.cnf as cnf_module
 from cnf_lib import CNF, Trainer
 from cnf_lib.fields import ConcatSquashMLP
 from cnf_lib.matching import (
+    HIGH_DIM_MATCHING,
+    TOY_SETTINGS,
     FlowMatching,
     MatchingResult,
     conditional_path,
@@ -299,8 +301,10 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="noise"):
         conditional_path(torch.randn(3, 2), torch.randn(3, 2), torch.rand(3), sigma=0.1)
     with pytest.raises(ValueError, match="kinetic"):
-        Trainer(CNF(2, hidden=(8,)), gaussian_sampler(), objective=FlowMatching(), iterations=2,
-                progress=False).fit()  # the trainer's default kinetic=0.05 means nothing here
+        Trainer(CNF(2, hidden=(8,)), gaussian_sampler(), objective=FlowMatching(), iterations=2, kinetic=0.05,
+                progress=False).fit()  # maximum likelihood's kinetic weight means nothing here
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        FlowMatching.default_config(0)
     with pytest.raises(ValueError, match="trains a CNF"):
         Trainer(nn.Linear(2, 2), gaussian_sampler(), objective=FlowMatching(), kinetic=0.0, progress=False)
     with pytest.raises(ValueError, match="sampler"):
@@ -333,10 +337,26 @@ def test_resuming_with_other_pairs_or_sigma_is_refused_by_name(tmp_path) -> None
         _fm_trainer("ot", sigma=0.0, iterations=3).resume(path)
 
 
+def test_flow_matching_takes_its_own_defaults_by_dimension_and_fields_override_them() -> None:
+    x2 = gaussian_sampler()(64, torch.Generator().manual_seed(0))
+    x6 = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    # chapter 8's toy settings in 2-D (not maximum likelihood's: no kinetic term, batch 256, 2,000 iterations)
+    toy = Trainer(CNF(2, hidden=(8,)), x2, objective=FlowMatching(), progress=False).config
+    assert toy == TrainConfig(**TOY_SETTINGS) and toy.kinetic == 0 and toy.iterations == 2000
+    # above two dimensions more iterations of more points; a field passed wins
+    high = Trainer(CNF(6, hidden=(8,)), x6, objective=FlowMatching(), iterations=3, progress=False)
+    assert high.config == TrainConfig(**{**TOY_SETTINGS, **HIGH_DIM_MATCHING, "iterations": 3})
+    assert high.config.batch_size == 2048 > TOY_SETTINGS["batch_size"]
+    assert len(high.fit()["loss"]) == 3  # runs as is: no kinetic weight to refuse
+    # an explicit config is used as given
+    given = TrainConfig(iterations=2, batch_size=16, kinetic=0.0)
+    assert Trainer(CNF(6, hidden=(8,)), x6, config=given, objective=FlowMatching(), progress=False).config is given
+
+
 # -- warm_start: flow matching as the start of maximum likelihood ------------------------------------
 
 def test_warm_start_is_the_flow_matching_trainer_of_its_settings_and_brings_a_gaussian_close() -> None:
-    from cnf_lib.matching import WARM_START_SETTINGS, warm_start
+    from cnf_lib.matching import warm_start
 
     sample = gaussian_sampler()
     x = sample(2048, torch.Generator().manual_seed(0))
@@ -348,7 +368,7 @@ def test_warm_start_is_the_flow_matching_trainer_of_its_settings_and_brings_a_ga
     assert fm.iteration == 300 and all(math.isnan(v) for v in fm.history["nll"])
     torch.manual_seed(0)
     reference = Trainer(CNF(2, hidden=(16, 16)), x, objective=FlowMatching("independent"), progress=False,
-                        config=TrainConfig(iterations=300, batch_size=256, seed=4, **WARM_START_SETTINGS))
+                        config=TrainConfig(**{**TOY_SETTINGS, "iterations": 300, "batch_size": 256, "seed": 4}))
     assert reference.fit()["loss"] == fm.history["loss"]
     true_nll = 0.5 * torch.logdet(2 * math.pi * math.e * COV).item()  # the Gaussian's entropy
     after = Trainer(model, x, test, progress=False).evaluate()

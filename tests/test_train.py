@@ -381,12 +381,12 @@ def test_defaults_by_dimension_change_only_above_two_and_yield_to_what_is_passed
     assert trainer.config == dataclasses.replace(high, iterations=2, eval_every=0)
     history = trainer.fit()
     assert history["nfe_forward"] == [16, 16]  # the same four-step grid, now with a probe
-    # an explicit config, or another objective, keeps the class defaults
+    # an explicit config keeps the class defaults; flow matching takes its own (cnf_lib.matching)
     assert Trainer(CNF(6, hidden=(8,)), x, config=TrainConfig(), progress=False).config.batch_size == 128
     from cnf_lib.matching import FlowMatching
 
     matching = Trainer(CNF(6, hidden=(8,)), x, objective=FlowMatching(), progress=False)
-    assert matching.config.batch_size == 128
+    assert matching.config == FlowMatching.default_config(6) and matching.config.kinetic == 0
 
 
 def test_the_high_dim_training_grid_with_a_probe_differs_from_exact_and_evaluation_stays_exact() -> None:
