@@ -179,6 +179,19 @@ def _book(bk: dict[str, Any]) -> list[str]:
     return out
 
 
+#: The tables of bench_heldout's other variants, in order: the caption's opening and its rest.
+_HELDOUT_VARIANTS = {
+    "warm_start": ("The 6-D and 12-D sets with the warm-start option",
+                   ": 2,000 flow-matching iterations, then the defaults above with 400 likelihood iterations per "
+                   "budget unit on one cosine of 400 (the budget column counts the likelihood iterations); CPU s "
+                   "include the warm start:"),
+    "flow_matching": ("The 6-D and 12-D sets trained by flow matching alone",
+                      ": `Trainer(model, x, objective=FlowMatching())` at its defaults for D, 3,000 iterations of "
+                      "2,048 points per budget unit (the budget column counts them), no likelihood iterations:"),
+    "2d_recipe": ("The same sets with the 2-D defaults in every dimension", ", before `TrainConfig.for_dim`:"),
+}
+
+
 def _heldout(h: dict[str, Any]) -> list[str]:
     def rows(records: list[dict[str, Any]]) -> list[list[Any]]:
         return [[r["set"], f"{r['budget']}× ({r['iterations']})", " ".join(f"{g:.3f}" for g in r["gaps"]), r["gap"],
@@ -198,22 +211,11 @@ def _heldout(h: dict[str, Any]) -> list[str]:
         table(header, rows(h["rows"]), 3),
         "",
     ]
-    if h.get("rows_warm_start"):
-        out += [f"The 6-D and 12-D sets with the warm-start option (variant `warm_start`, the run of "
-                f"{h.get('date_warm_start', h.get('date', 'this run'))}): 2,000 flow-matching iterations, then the "
-                "defaults above with 400 likelihood iterations per budget unit on one cosine of 400 (the budget "
-                "column counts the likelihood iterations); CPU s include the warm start:",
-                "", table(header, rows(h["rows_warm_start"]), 3), ""]
-    if h.get("rows_flow_matching"):
-        out += [f"The 6-D and 12-D sets trained by flow matching alone (variant `flow_matching`, the run of "
-                f"{h.get('date_flow_matching', h.get('date', 'this run'))}): `Trainer(model, x, "
-                "objective=FlowMatching())` at its defaults for D, 3,000 iterations of 2,048 points per budget "
-                "unit (the budget column counts them), no likelihood iterations:",
-                "", table(header, rows(h["rows_flow_matching"]), 3), ""]
-    if h.get("rows_2d_recipe"):
-        out += [f"The same sets with the 2-D defaults in every dimension (variant `2d_recipe`, the run of "
-                f"{h.get('date_2d_recipe', h.get('date', 'this run'))}, before "
-                "`TrainConfig.for_dim`):", "", table(header, rows(h["rows_2d_recipe"]), 3), ""]
+    for variant, (opening, caption) in _HELDOUT_VARIANTS.items():
+        if h.get(f"rows_{variant}"):
+            date = h.get(f"date_{variant}", h.get("date", "this run"))
+            out += [f"{opening} (variant `{variant}`, the run of {date}){caption}", "",
+                    table(header, rows(h[f"rows_{variant}"]), 3), ""]
     return out
 
 
