@@ -18,13 +18,16 @@ functions return CPU values).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["check_points", "randn", "uniform", "rademacher", "randperm", "categorical", "module_device"]
+__all__ = ["check_points", "randn", "uniform", "rademacher", "randperm", "categorical", "module_device",
+           "user_stacklevel"]
 
 
 def check_points(
@@ -179,3 +182,17 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first line outside ``cnf_lib``.
+
+    Call it as ``warnings.warn(message, UserWarning, stacklevel=user_stacklevel())`` from any
+    function of the package: however deep the call chain (a trainer that calls an objective that
+    calls a check), the warning names the user's line, not a line of the library.
+    """
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that warns: warnings.warn's stacklevel 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .checks import check_points, randperm
+from .checks import check_points, randperm, user_stacklevel
 
 if TYPE_CHECKING:  # type hints only (train imports this module)
     from .train import TrainConfig
@@ -47,7 +47,7 @@ def _warn_if_far_from_unit_scale(x: Tensor) -> None:
             f"standard deviations {std.min().item():.3g} to {std.max().item():.3g}); the prior is N(0, I) and the "
             "recipes are tuned for standardized data. Standardize it: s = cnf_lib.datasets.Standardizer.fit(x); "
             "train on s.transform(x) and add s.log_abs_det() to every log-likelihood of x (fit_density does both).",
-            UserWarning, stacklevel=4,
+            UserWarning, stacklevel=user_stacklevel(),
         )
 
 

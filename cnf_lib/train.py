@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import user_stacklevel
 from .cnf import SolverError
 from .objectives import MaximumLikelihood, Objective
 
@@ -558,13 +559,13 @@ class Trainer:
             self.grid_step = step / 2
             warnings.warn(f"{found}; training goes on with step {self.grid_step} (refine_grid=True, "
                           f"refinement {refinements + 1} of at most {MAX_GRID_REFINEMENTS}).",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=user_stacklevel())
         elif not self._warned_grid:
             self._warned_grid = True
             advice = ("the grid was refined as far as refine_grid goes" if self.config.refine_grid and step
                       else f"a finer training grid (train_settings step_size {step / 2 if step else 'smaller'})")
             warnings.warn(f"{found}. {advice[0].upper() + advice[1:]}; a larger kinetic weight or fewer "
-                          "iterations keep the two together.", UserWarning, stacklevel=4)
+                          "iterations keep the two together.", UserWarning, stacklevel=user_stacklevel())
 
     def _has_training_grid(self) -> bool:
         """Whether the objective solves in training on a fixed-step grid (one a model can learn)."""

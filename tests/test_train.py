@@ -487,9 +487,13 @@ def test_keep_best_and_patience_stop_early_and_resume_exactly(tmp_path: Path) ->
         make_trainer(patience=2)
 
 
-def test_data_far_from_unit_scale_gets_a_warning_that_says_what_to_do() -> None:
-    with pytest.warns(UserWarning, match="Standardizer"):
-        Trainer(small_model(), gaussian_data(64, 0) * 100 + 1000, progress=False)
+def test_data_far_from_unit_scale_gets_a_warning_that_says_what_to_do_at_the_users_line() -> None:
+    from cnf_lib.matching import FlowMatching
+
+    for objective in (None, FlowMatching()):  # the check is one call deeper for flow matching
+        with pytest.warns(UserWarning, match="Standardizer") as record:
+            Trainer(small_model(), gaussian_data(64, 0) * 100 + 1000, progress=False, objective=objective)
+        assert [w.filename for w in record] == [__file__]  # this line, not a line of cnf_lib
 
 
 # ------------------------------------------------------------------ a model that learns its grid
@@ -506,8 +510,9 @@ def test_the_trainer_measures_the_training_grid_and_warns_when_the_model_departs
     model = CNF(2, field=LinearField(2 * torch.eye(2)))
     trainer = Trainer(model, x, x, iterations=2, lr=1e-12, lr_final=1e-12, kinetic=0.0, eval_every=1,
                       train_settings=dict(method="rk4", step_size=1.0), progress=False, refine_grid=False)
-    with pytest.warns(UserWarning, match="begun to fit its grid"):
+    with pytest.warns(UserWarning, match="begun to fit its grid") as record:
         h = trainer.fit()
+    assert {w.filename for w in record} == {__file__}  # the warning names the user's line
     # log p(x) = log N(M^-1 x) - log det M, M = c I: NLL(c) = mean|x|²/(2c²) + log(2π) + 2 log c
     sq = x.double().pow(2).sum(1).mean().item()
     nll = lambda c: sq / (2 * c**2) + math.log(2 * math.pi) + 2 * math.log(c)  # noqa: E731
