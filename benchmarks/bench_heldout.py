@@ -130,10 +130,11 @@ SETS = {"banana-2d": banana, "student-2d": student, "elongated-6d": elongated, "
 
 def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
                   hidden: tuple[int, ...] = (64, 64, 64), model: dict[str, Any] | None = None,
-                  budget: float = 1, objective: str = "likelihood", **settings: Any) -> dict[str, float]:
+                  budget: float = 1, objective: str = "likelihood", times: str | None = None,
+                  **settings: Any) -> dict[str, float]:
     """``Trainer(CNF(D, hidden, **model), x, seed=seed, **settings).fit()`` on standardized points of
     ``sample(n, rng)``, by maximum likelihood (``objective="likelihood"``) or flow matching
-    (``"flow_matching"``, ``FlowMatching()``), with ``budget`` times that objective's default
+    (``"flow_matching"``, ``FlowMatching(times=times)``), with ``budget`` times that objective's default
     iterations for D unless ``settings`` set them, after ``cnf_lib.matching.warm_start`` if
     ``settings`` has ``warm_start`` (its iterations); the gap (test NLL − true NLL), the NLL on the
     training grid minus the adaptive one, and the training seconds (the warm start's included)."""
@@ -150,8 +151,8 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
     defaults = (FlowMatching.default_config if matching else TrainConfig.for_dim)(x_train.shape[1])
     settings.setdefault("iterations", round(budget * defaults.iterations))
     warm = settings.pop("warm_start", 0)
-    trainer = Trainer(cnf, z_train, seed=seed, progress=False, objective=FlowMatching() if matching else None,
-                      **settings)
+    objective_ = FlowMatching(times=times) if matching else None
+    trainer = Trainer(cnf, z_train, seed=seed, progress=False, objective=objective_, **settings)
     with common.Timer() as t:
         if warm:
             warm_start(cnf, z_train, iterations=warm, batch_size=trainer.config.batch_size, seed=seed, progress=False)
@@ -169,19 +170,28 @@ def fit_and_score(sample: Any, seed: int, n_train: int = N_TRAIN, n_test: int = 
 
 #: What each variant passes to ``fit_and_score``; ``iterations`` there are per budget unit (absent:
 #: the objective's default for D). All but ``defaults`` run on the sets above 2-D only.
+#: The CNF's field before 2026-11-30 in every dimension (the default is now SiLU above two dimensions:
+#: cnf_lib.fields.default_activation); the variants measured with it say so.
+TANH = dict(model=dict(activation="tanh"))
+
 VARIANTS: dict[str, dict[str, Any]] = {
+    # the trainer's defaults on the CNF's default field (tanh in 2-D, SiLU above)
     "defaults": {},
-    # the option as measured (RECIPE.md, sixth sweep): cnf_lib.matching.warm_start's 2,000 flow-matching
-    # iterations, then 400 likelihood iterations per budget unit on one cosine of that length
-    "warm_start": dict(warm_start=2000, iterations=400, lr_period=400),
-    # the class defaults in every dimension: what the trainer did before TrainConfig.for_dim
-    "2d_recipe": dict(batch_size=TrainConfig().batch_size, train_settings=TrainConfig().train_settings),
-    # flow matching alone at its defaults for D (FlowMatching.default_config: 3,000 iterations of 2,048
-    # points above two dimensions, chosen on the tuning sets; RECIPE.md, seventh sweep)
+    # the same on a tanh field in every dimension (the defaults before default_activation)
+    "tanh": TANH,
+    # the option as measured (RECIPE.md, sixth sweep; tanh): cnf_lib.matching.warm_start's 2,000
+    # flow-matching iterations, then 400 likelihood iterations per budget unit on one cosine of that length
+    "warm_start": dict(warm_start=2000, iterations=400, lr_period=400, **TANH),
+    # the class defaults and the 2-D field in every dimension: what the trainer did before TrainConfig.for_dim
+    "2d_recipe": dict(batch_size=TrainConfig().batch_size, train_settings=TrainConfig().train_settings, **TANH),
+    # flow matching alone at its defaults for D (FlowMatching.default_config: 6,000 iterations of 1,024
+    # points above two dimensions, late times, the SiLU field; chosen on the tuning sets, RECIPE.md, eighth sweep)
     "flow_matching": dict(objective="flow_matching"),
+    # its defaults of the seventh sweep: 3,000 iterations of 2,048 points, uniform times, tanh
+    "flow_matching_tanh": dict(objective="flow_matching", times="uniform", iterations=3000, batch_size=2048, **TANH),
 }
-ROWS_KEY = {"defaults": "rows", "warm_start": "rows_warm_start", "2d_recipe": "rows_2d_recipe",
-            "flow_matching": "rows_flow_matching"}
+ROWS_KEY = {"defaults": "rows", "tanh": "rows_tanh", "warm_start": "rows_warm_start", "2d_recipe": "rows_2d_recipe",
+            "flow_matching": "rows_flow_matching", "flow_matching_tanh": "rows_flow_matching_tanh"}
 
 
 def _dim(name: str) -> int:

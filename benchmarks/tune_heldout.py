@@ -18,16 +18,20 @@ Hutchinson's estimator in training with 512 points per iteration, at about the s
 flow-matching iterations and with 400 likelihood iterations instead of 600 (``--set '{"warm_start":
 2000, "iterations": 400, "lr_period": 400}'``), 0.140 and 0.285 (an option, not a default: on a
 reported set it was not monotone in the budget; RECIPE.md, sixth sweep); flow matching alone, 3,000
-iterations of 2,048 points (``--set '{"objective": "flow_matching"}'``, the defaults of
-``FlowMatching.default_config`` for D > 2), 0.148 and 0.299 in about 50 CPU s, 0.076 and 0.150 at four
-times the iterations (RECIPE.md, seventh sweep). ``warped-12d-other`` (the warped mixture in 12-D,
-components drawn with seed 5) checked both over three seeds.
+iterations of 2,048 points on the tanh field (``--set '{"objective": "flow_matching", "times": "uniform",
+"iterations": 3000, "batch_size": 2048, "model": {"activation": "tanh"}}'``), 0.148 and 0.299 in about 50 CPU s
+(RECIPE.md, seventh sweep); with a SiLU field (now ``CNF``'s default above two dimensions), times weighted
+towards the data and 6,000 iterations of 1,024 points (``--set '{"objective": "flow_matching"}'``, now the
+defaults of ``FlowMatching.default_config`` for D > 2), 0.077 and 0.208; and maximum likelihood's defaults
+on the SiLU field (``{}``) 0.119 and 0.311 (RECIPE.md, eighth sweep). ``warped-12d-other`` (the warped
+mixture in 12-D, components drawn with seed 5) checked them.
 
 Each ``--set`` is one JSON dictionary of ``Trainer`` settings, plus ``hidden`` (the field's
-widths), ``objective`` (``"likelihood"`` or ``"flow_matching"``) and ``warm_start`` (flow-matching
-iterations before the trainer); ``{}`` is the trainer's defaults for that dimension. Each run prints the gap (test NLL
-minus true NLL, nats), the NLL on the training grid minus the adaptive one, and the CPU seconds of
-training.
+widths), ``model`` (other ``CNF`` arguments, e.g. ``{"activation": "tanh"}``), ``objective``
+(``"likelihood"`` or ``"flow_matching"``), ``times`` (flow matching's) and ``warm_start``
+(flow-matching iterations before the trainer); ``{}`` is the trainer's defaults for that
+dimension. Each run prints the gap (test NLL minus true NLL, nats), the NLL on the training grid
+minus the adaptive one, and the CPU seconds of training.
 """
 
 from __future__ import annotations

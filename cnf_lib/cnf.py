@@ -292,7 +292,8 @@ class CNF(nn.Module):
     Arguments:
         dim: dimension D of the data.
         field: the vector field ``f(t, x)``; by default a :class:`ConcatSquashMLP`.
-        hidden, activation: widths and activation of the default field.
+        hidden, activation: widths and activation of the default field (``activation=None``:
+            tanh for one- or two-dimensional data, silu above; :func:`~cnf_lib.fields.default_activation`).
         t1: the time at which the model's density is the data density.
         base: the density at t = 0: ``None`` for N(0, I), or a :class:`GaussianMixtureBase`
             (any module with ``dim``, ``config()``, ``log_prob(z)`` (n, D) → (n,) and
@@ -313,7 +314,7 @@ class CNF(nn.Module):
         dim: int,
         field: nn.Module | None = None,
         hidden: Sequence[int] = (64, 64, 64),
-        activation: str = "tanh",
+        activation: str | None = None,
         t1: float = 1.0,
         base: nn.Module | None = None,
         **settings: Any,
@@ -330,7 +331,7 @@ class CNF(nn.Module):
         self.settings = SolverSettings().update(**settings)
         if field is None:
             self._config = dict(dim=self.dim, field="ConcatSquashMLP", hidden=tuple(int(h) for h in hidden),
-                                activation=activation, t1=self.t1)
+                                activation=self.field.activation, t1=self.t1)
         else:  # a custom field: its class names it; hidden/activation were not used
             self._config = dict(dim=self.dim, field=type(field).__qualname__, t1=self.t1)
         # N(0, I) is no module and no config entry: models without a base save as they always did

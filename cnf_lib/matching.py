@@ -62,9 +62,9 @@ from .fields import ConcatSquashMLP
 from .objectives import MaximumLikelihood, Sampler
 from .train import TrainConfig, Trainer
 
-__all__ = ["PAIRINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing", "conditional_path",
-           "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss", "TOY_SETTINGS", "HIGH_DIM_MATCHING",
-           "warm_start"]
+__all__ = ["PAIRINGS", "TIME_SAMPLINGS", "MatchingObjective", "FlowMatching", "MatchingResult", "ot_pairing",
+           "conditional_path", "field_at_times", "gaussian_marginal_field", "gaussian_minimum_loss",
+           "TOY_SETTINGS", "HIGH_DIM_MATCHING", "warm_start"]
 
 #: The :class:`~cnf_lib.train.Trainer` settings of flow matching on the 2-D toys, chosen by chapter 8's
 #: search on 2,000 validation points of two moons (eight Gaussians only checked): 2,000 iterations of
@@ -73,14 +73,21 @@ TOY_SETTINGS: dict[str, Any] = dict(iterations=2000, batch_size=256, lr=3e-2, lr
                                     grad_clip=None, kinetic=0.0, eval_every=0)
 
 #: What :meth:`FlowMatching.default_config` changes from :data:`TOY_SETTINGS` for data of more than two
-#: dimensions: 3,000 iterations of 2,048 points (about 50 s of one CPU core in 10-D). Chosen on the
+#: dimensions: 6,000 iterations of 1,024 points (about 30 s of one CPU core in 10-D). Chosen on the
 #: tuning sets of benchmarks/tune_heldout.py (an elongated Gaussian mixture in 8-D, a warped mixture in
-#: 10-D; RECIPE.md, seventh sweep): gaps 0.148 and 0.299 nats, against 0.207 and 0.456 for maximum
-#: likelihood's defaults at about the same CPU time, and 0.109 / 0.209 at 2x, 0.076 / 0.150 at 4x.
-HIGH_DIM_MATCHING: dict[str, Any] = dict(iterations=3000, batch_size=2048)
+#: 10-D; RECIPE.md, eighth sweep) with the SiLU field (:func:`~cnf_lib.fields.default_activation`) and
+#: late times (:class:`FlowMatching`'s ``times``): gaps 0.075 and 0.185 nats (seed 0), against 0.159
+#: and 0.297 for the seventh sweep's 3,000 iterations of 2,048 points, uniform times and tanh.
+HIGH_DIM_MATCHING: dict[str, Any] = dict(iterations=6000, batch_size=1024)
 
 #: The couplings of prior and data points :class:`FlowMatching` knows.
 PAIRINGS: tuple[str, ...] = ("independent", "ot")
+
+#: How :class:`FlowMatching` draws the time of each regression point, as the fraction
+#: :math:`s = t / t_1` of the way to the data: ``"uniform"`` (:math:`s \sim U[0, 1]`) or ``"late"``
+#: (:math:`s = \sqrt{u}`, :math:`u \sim U[0, 1]`: density :math:`2s`, more points near the data,
+#: where a likelihood needs the field's detail).
+TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "late")
 
 # Largest number of network-simplex iterations for ot.emd (its default, 1e5, can stop short of
 # the optimum on batches of a few hundred points; POT then warns and returns a non-optimal plan).
@@ -215,7 +222,7 @@ class FlowMatching(MatchingObjective):
 
     Each iteration draws ``batch_size`` data points :math:`x_1` (as maximum likelihood does: rows of
     a tensor without replacement, or a sampler's fresh points), as many prior points
-    :math:`x_0 \sim \mathcal N(0, I)`, times :math:`t \sim U[0, t_1]` and, with ``sigma > 0``,
+    :math:`x_0 \sim \mathcal N(0, I)`, times :math:`t \in [0, t_1]` (as ``times`` says) and, with ``sigma > 0``,
     noise :math:`\varepsilon`, all from the trainer's generator (in that order; drawn on its
     device, then moved). With ``pairs="ot"`` the prior points are reordered by
     :func:`ot_pairing`. The loss is the batch mean of
@@ -232,9 +239,18 @@ class FlowMatching(MatchingObjective):
     ``config``, the trainer takes :meth:`default_config`: chapter 8's settings (no kinetic term) in
     two dimensions, more iterations of more points above.
 
+    **Times.** The minimizer of the loss is the marginal field whatever the distribution of the
+    times, as long as it covers :math:`[0, t_1]`; the distribution only says where the regression
+    spends its points. ``times=None`` (the default) draws them uniformly in one or two dimensions
+    (chapter 8's setting) and ``"late"`` above (:data:`TIME_SAMPLINGS`: density growing linearly
+    towards the data), chosen on the tuning sets of benchmarks/tune_heldout.py (RECIPE.md, eighth
+    sweep).
+
     Arguments:
         pairs: ``"independent"`` or ``"ot"`` (exact mini-batch optimal transport, :func:`ot_pairing`).
         sigma: the standard deviation of the tube around each straight path, >= 0.
+        times: one of :data:`TIME_SAMPLINGS`, or ``None``: ``"uniform"`` for data of one or two
+            dimensions, ``"late"`` above (:meth:`time_sampling`).
 
     Example:
         >>> model = CNF(2, hidden=(64, 64, 64))
@@ -244,9 +260,26 @@ class FlowMatching(MatchingObjective):
         >>> samples = model.sample(1000)     # the same CNF, unchanged
     """
 
-    def __init__(self, pairs: str = "independent", sigma: float = 0.0) -> None:
+    def __init__(self, pairs: str = "independent", sigma: float = 0.0, times: str | None = None) -> None:
         super().__init__(pairs, sigma)
+        if times is not None and times not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown times {times!r}; expected None or one of {TIME_SAMPLINGS}")
+        self.times = times
         self._likelihood = MaximumLikelihood()
+
+    def config(self) -> dict[str, Any]:
+        """The objective's settings as plain values (``pairs``, ``sigma``, ``times``)."""
+        return {**super().config(), "times": self.times}
+
+    def __repr__(self) -> str:
+        return f"FlowMatching(pairs={self.pairs!r}, sigma={self.sigma}, times={self.times!r})"
+
+    def time_sampling(self, dim: int) -> str:
+        """The time distribution used for ``dim``-dimensional data: ``times``, or for ``times=None``
+        ``"uniform"`` in one or two dimensions and ``"late"`` above."""
+        if self.times is not None:
+            return self.times
+        return "uniform" if dim <= 2 else "late"
 
     @staticmethod
     def _check_model(model: nn.Module) -> None:
@@ -304,14 +337,18 @@ class FlowMatching(MatchingObjective):
 
         Arguments:
             x1: data points, shape (n, D).
-            generator: draws the prior points, then the times, then (``sigma > 0``) the noise.
+            generator: draws the prior points, then the times (:meth:`time_sampling` of D), then
+                (``sigma > 0``) the noise.
             t1: the time of the data.
 
         Returns:
             ``(t, x_t, u_t)``, shapes (n,), (n, D), (n, D).
         """
         x0, x1 = self.pair(x1, generator)
-        t = t1 * uniform((x1.shape[0],), generator, x1.dtype, x1.device)
+        s = uniform((x1.shape[0],), generator, x1.dtype, x1.device)
+        if self.time_sampling(x1.shape[1]) == "late":
+            s = s.sqrt()  # P(s <= a) = a²: density 2s on [0, 1]
+        t = t1 * s
         noise = randn(tuple(x1.shape), generator, x1.dtype, x1.device) if self.sigma > 0 else None
         xt, ut = conditional_path(x0, x1, t, self.sigma, noise, t1)
         return t, xt, ut
@@ -352,14 +389,15 @@ def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int =
         warm_start(model, x)                          # 2,000 flow-matching iterations
         Trainer(model, x, iterations=400).fit()       # then maximum likelihood
 
-    Measured in 6 and 12 dimensions (benchmarks/bench_heldout.py, variant ``warm_start``; the
-    Performance appendix): with 400 likelihood iterations after it, closer to the truth than the
-    600 of the trainer's defaults at about the same CPU time (0.136 against 0.223 nats on a 6-D
-    mixture, 0.388 against 0.492 on a 12-D one, medians of three seeds); but on the 6-D set four
-    times the likelihood iterations after it ended farther from the truth than one (0.210 nats),
-    the field fitting its training grid. So it is an option for a short budget, not the default.
-    Flow matching alone at its defaults for D (:meth:`FlowMatching.default_config`: more iterations
-    of more points) gained more from a longer budget (the same appendix).
+    Measured in 6 and 12 dimensions on a tanh field (benchmarks/bench_heldout.py, variant
+    ``warm_start``; the Performance appendix): with 400 likelihood iterations after it, closer to
+    the truth than the 600 of the trainer's defaults on the same field at about the same CPU time
+    (0.136 against 0.223 nats on a 6-D mixture, 0.388 against 0.492 on a 12-D one, medians of
+    three seeds); but on the 6-D set four times the likelihood iterations after it ended farther
+    from the truth than one (0.210 nats), the field fitting its training grid. So it is an option,
+    not the default. Flow matching alone at its defaults for D (:meth:`FlowMatching.default_config`,
+    on ``CNF(D)``'s SiLU field) ended closer at every budget (the same appendix: 0.065 and 0.255
+    nats at 1x).
 
     Arguments:
         model: a :class:`~cnf_lib.cnf.CNF` with the N(0, I) base (flow matching transports it).
@@ -372,12 +410,13 @@ def warm_start(model: nn.Module, train_data: Tensor | Sampler, iterations: int =
     Returns:
         The flow-matching :class:`~cnf_lib.train.Trainer`, fitted (its ``history`` has the loss);
         the model is trained in place. Settings: :meth:`FlowMatching.default_config`'s but for the
-        iterations and the batch (Adam on one cosine from 3e-2 to 3e-4, no clipping).
+        iterations and the batch (Adam on one cosine from 3e-2 to 3e-4, no clipping), with times
+        drawn uniformly in every dimension (as measured).
 
     Raises:
         ValueError: for a model with another base density, or bad data (as :class:`FlowMatching`).
     """
-    trainer = Trainer(model, train_data, objective=FlowMatching("independent"), iterations=iterations,
+    trainer = Trainer(model, train_data, objective=FlowMatching("independent", times="uniform"), iterations=iterations,
                       batch_size=batch_size, seed=seed, progress=progress)
     trainer.fit()
     return trainer

@@ -169,3 +169,18 @@ def test_cnf_hutchinson_uses_the_field_estimator_with_the_same_probe() -> None:
     lp_fast = fast.log_prob(x, generator=torch.Generator().manual_seed(0))
     lp_slow = slow.log_prob(x, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(lp_fast, lp_slow, rtol=1e-9, atol=1e-9)
+
+
+def test_the_default_activation_is_tanh_up_to_two_dimensions_and_silu_above() -> None:
+    from cnf_lib.fields import default_activation
+
+    assert [default_activation(d) for d in (1, 2, 3, 12)] == ["tanh", "tanh", "silu", "silu"]
+    for dim, expected in [(2, nn.Tanh), (6, nn.SiLU)]:
+        model = CNF(dim, hidden=(8,))
+        assert isinstance(model.field.act, expected)
+        assert model.config()["activation"] == model.field.activation  # saved as resolved, not as None
+        rebuilt = CNF.from_config(model.config())
+        assert isinstance(rebuilt.field.act, expected)
+    # an activation given is used in any dimension, and the config records it
+    assert CNF(6, hidden=(8,), activation="tanh").config()["activation"] == "tanh"
+    assert ConcatSquashMLP(2, (8,), "silu").activation == "silu"

@@ -17,6 +17,7 @@ from cnf_lib import CNF, Trainer
 from cnf_lib.fields import ConcatSquashMLP
 from cnf_lib.matching import (
     HIGH_DIM_MATCHING,
+    TIME_SAMPLINGS,
     TOY_SETTINGS,
     FlowMatching,
     MatchingResult,
@@ -305,6 +306,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
                 progress=False).fit()  # maximum likelihood's kinetic weight means nothing here
     with pytest.raises(ValueError, match="dim must be a positive integer"):
         FlowMatching.default_config(0)
+    with pytest.raises(ValueError, match="unknown times 'early'"):
+        FlowMatching(times="early")
     with pytest.raises(ValueError, match="trains a CNF"):
         Trainer(nn.Linear(2, 2), gaussian_sampler(), objective=FlowMatching(), kinetic=0.0, progress=False)
     with pytest.raises(ValueError, match="sampler"):
@@ -328,6 +331,31 @@ def test_cuda_draws_the_same_batches_as_the_cpu() -> None:
     np.testing.assert_allclose(losses["cpu"], losses["cuda"], rtol=1e-4)
 
 
+def test_times_are_uniform_in_two_dimensions_and_late_above_unless_chosen() -> None:
+    """The fractions s = t / t1 of 20,000 regression points against the CDFs a and a² (Kolmogorov-
+    Smirnov at the 1e-3 level, so a wrong distribution fails and a right one passes on these seeds);
+    the prior points and the straight line are the same whatever the times."""
+    from scipy import stats
+
+    assert TIME_SAMPLINGS == ("uniform", "late")
+    t1, n = 2.0, 20_000
+    cdfs = {"uniform": lambda a: a, "late": lambda a: a**2}
+    cases = [(2, None, "uniform"), (6, None, "late"), (6, "uniform", "uniform"), (1, "late", "late")]
+    for dim, times, expected in cases:
+        fm = FlowMatching(times=times)
+        assert fm.time_sampling(dim) == expected
+        x1 = torch.randn(n, dim, generator=torch.Generator().manual_seed(dim))
+        t, xt, ut = fm.regression_targets(x1, torch.Generator().manual_seed(3), t1=t1)
+        s = (t / t1).numpy()
+        assert 0 <= s.min() and s.max() <= 1
+        assert stats.kstest(s, cdfs[expected]).pvalue > 1e-3
+        other = "late" if expected == "uniform" else "uniform"
+        assert stats.kstest(s, cdfs[other]).pvalue < 1e-3
+        x0 = x1 - ut * t1  # u_t = (x1 - x0) / t1 on the straight line x_t = (1 - s) x0 + s x1
+        torch.testing.assert_close(xt, (1 - t / t1).unsqueeze(1) * x0 + (t / t1).unsqueeze(1) * x1)
+    assert FlowMatching().config() == dict(pairs="independent", sigma=0.0, times=None)
+
+
 def test_resuming_with_other_pairs_or_sigma_is_refused_by_name(tmp_path) -> None:
     path = tmp_path / "fm.pt"
     _fm_trainer("ot", sigma=0.1, iterations=3, checkpoint_path=path).fit()
@@ -346,7 +374,7 @@ def test_flow_matching_takes_its_own_defaults_by_dimension_and_fields_override_t
     # above two dimensions more iterations of more points; a field passed wins
     high = Trainer(CNF(6, hidden=(8,)), x6, objective=FlowMatching(), iterations=3, progress=False)
     assert high.config == TrainConfig(**{**TOY_SETTINGS, **HIGH_DIM_MATCHING, "iterations": 3})
-    assert high.config.batch_size == 2048 > TOY_SETTINGS["batch_size"]
+    assert high.config.batch_size == 1024 > TOY_SETTINGS["batch_size"]
     assert len(high.fit()["loss"]) == 3  # runs as is: no kinetic weight to refuse
     # an explicit config is used as given
     given = TrainConfig(iterations=2, batch_size=16, kinetic=0.0)
