@@ -1,7 +1,7 @@
 """Run every benchmark and write ``benchmarks/results.json`` and ``benchmarks/results.md``.
 
 ``make benchmarks`` calls this (after installing ``benchmarks/requirements.txt``, the peer
-library). About 10–15 minutes on a 2-core machine, plus about 15 for ``cells`` and 2.5 hours for ``heldout``;
+library). About 10–15 minutes on a 2-core machine, plus about 15 for ``cells`` and 3.5 hours for ``heldout``;
 ``--quick`` checks the scripts in a minute with tiny sizes (its numbers mean nothing and it writes
 ``results-quick.*`` instead).
 
@@ -15,8 +15,8 @@ Sections (each a module here, each with a docstring that says what it measures a
 * ``peer`` — cnf_lib against zuko at equal settings (bench_peer.py);
 * ``trace`` — exact/Hutchinson cost per evaluation, D = 2 … 512 (bench_trace.py);
 * ``heldout`` — the defaults on four untuned densities, 1×/2×/4× budgets, and on the 6-D and 12-D
-  ones the warm-start option, flow matching alone and the 2-D defaults (bench_heldout.py; about
-  2.5 hours of one core);
+  ones flow matching alone, the defaults on a tanh field, the warm-start option, flow matching's
+  earlier defaults and the 2-D defaults (bench_heldout.py; about 3.5 hours of one core);
 * ``matching`` — chapter 8's maximum likelihood vs flow matching on the toys, five seeds (bench_matching.py);
 * ``cells`` — ``fit_density`` at 20,000 cells × 10 and 30 columns vs a BIC mixture (bench_cells.py);
 * ``timecourse`` — ``fit_trajectories`` at 200, 2,000 and 20,000 cells a day: fit time, held-out W1
