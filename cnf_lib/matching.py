@@ -75,9 +75,10 @@ TOY_SETTINGS: dict[str, Any] = dict(iterations=2000, batch_size=256, lr=3e-2, lr
 #: What :meth:`FlowMatching.default_config` changes from :data:`TOY_SETTINGS` for data of more than two
 #: dimensions: 6,000 iterations of 1,024 points (about the CPU time of 3,000 of 2,048: 30-50 s of one
 #: core in 10-D, by machine). Chosen on the tuning sets of benchmarks/tune_heldout.py (an elongated
-#: Gaussian mixture in 8-D, a warped mixture in 10-D; RECIPE.md, eighth sweep) with the SiLU field (:func:`~cnf_lib.fields.default_activation`) and
-#: late times (:class:`FlowMatching`'s ``times``): gaps 0.075 and 0.185 nats (seed 0), against 0.159
-#: and 0.297 for the seventh sweep's 3,000 iterations of 2,048 points, uniform times and tanh.
+#: Gaussian mixture in 8-D, a warped mixture in 10-D; RECIPE.md, eighth sweep) with the SiLU field
+#: (:func:`~cnf_lib.fields.default_activation`) and late times (:class:`FlowMatching`'s ``times``):
+#: gaps 0.075 and 0.185 nats (seed 0), against 0.159 and 0.297 for the seventh sweep's 3,000
+#: iterations of 2,048 points, uniform times and tanh.
 HIGH_DIM_MATCHING: dict[str, Any] = dict(iterations=6000, batch_size=1024)
 
 #: The couplings of prior and data points :class:`FlowMatching` knows.
