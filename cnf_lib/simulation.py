@@ -49,6 +49,27 @@ _FATES = ("A", "B", "C")
 # ==============================================================================================
 
 
+def _draw_gene_map(n_genes: int, directions: np.ndarray, thresholds: tuple[np.ndarray, np.ndarray],
+                   steepness: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Draws each gene's response to the latent state, given one row per program (the last: housekeeping).
+
+    Gene ``g`` takes program ``g mod P``; its direction is the program's plus N(0, 0.1²) noise, its
+    threshold and steepness uniform in the program's ranges (``thresholds`` = (lo, hi), ``steepness`` =
+    (lo, hi), each shape (P,)), its amplitude uniform in [1.5, 3] (0 for housekeeping) and its baseline
+    N(0, 0.5²). ``directions``: shape (P, 2). Returns the map :func:`_expression_fractions` reads.
+    """
+    n_programs = len(directions)
+    program = np.arange(n_genes) % n_programs
+    active = program < n_programs - 1
+    direction = directions[program] + rng.normal(0.0, 0.1, size=(n_genes, 2)) * active[:, None]
+    threshold = rng.uniform(thresholds[0][program], thresholds[1][program])
+    steep = rng.uniform(steepness[0][program], steepness[1][program])
+    amplitude = rng.uniform(1.5, 3.0, size=n_genes) * active
+    baseline = rng.normal(0.0, 0.5, size=n_genes)
+    return dict(program=program, direction=direction, threshold=threshold, amplitude=amplitude,
+                baseline=baseline, steepness=steep)
+
+
 def _gene_programs(n_genes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random gene programs: each gene switches on along one direction of the latent space.
 
@@ -62,15 +83,7 @@ def _gene_programs(n_genes: int, rng: np.random.Generator) -> dict[str, np.ndarr
     hi = np.array([-0.5, 3.5, 1.2, 1.2, 0.0, 0.0, 0.0])
     steep_lo = np.array([1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 0.0])
     steep_hi = np.array([2.0, 2.0, 2.5, 2.5, 1.5, 1.5, 0.0])
-    program = np.arange(n_genes) % len(_PROGRAMS)
-    active = program < len(_PROGRAMS) - 1
-    direction = directions[program] + rng.normal(0.0, 0.1, size=(n_genes, 2)) * active[:, None]
-    threshold = rng.uniform(lo[program], hi[program])
-    steepness = rng.uniform(steep_lo[program], steep_hi[program])
-    amplitude = rng.uniform(1.5, 3.0, size=n_genes) * active
-    baseline = rng.normal(0.0, 0.5, size=n_genes)
-    return dict(program=program, direction=direction, threshold=threshold, amplitude=amplitude,
-                baseline=baseline, steepness=steepness)
+    return _draw_gene_map(n_genes, directions, (lo, hi), (steep_lo, steep_hi), rng)
 
 
 def _expression_fractions(latent: np.ndarray, genes: dict[str, Any]) -> np.ndarray:
@@ -258,15 +271,7 @@ def _gene_programs_3(n_genes: int, arm_ends: np.ndarray, branch: np.ndarray,
     hi = np.array([0.0, 3.5, *(reach + 0.8 * length), 0.0, 0.0, 0.0])
     steep_lo = np.array([1.0, 1.0, 2.0, 2.0, 2.0, 1.5, 1.5, 0.0])
     steep_hi = np.array([2.0, 2.0, 3.5, 3.5, 3.5, 2.5, 2.5, 0.0])
-    program = np.arange(n_genes) % len(_PROGRAMS_3)
-    active = program < len(_PROGRAMS_3) - 1
-    direction = directions[program] + rng.normal(0.0, 0.1, size=(n_genes, 2)) * active[:, None]
-    threshold = rng.uniform(lo[program], hi[program])
-    steepness = rng.uniform(steep_lo[program], steep_hi[program])
-    amplitude = rng.uniform(1.5, 3.0, size=n_genes) * active
-    baseline = rng.normal(0.0, 0.5, size=n_genes)
-    return dict(program=program, direction=direction, threshold=threshold, amplitude=amplitude,
-                baseline=baseline, steepness=steepness)
+    return _draw_gene_map(n_genes, directions, (lo, hi), (steep_lo, steep_hi), rng)
 
 
 def simulate_three_fates(

@@ -701,7 +701,7 @@ def fit_density(
     trainer = Trainer(model, z_train, z_val, config, progress=progress)
     if base_density is not None and z_val is not None:
         # the base alone is the first candidate: keep-best can only improve on it
-        trainer._track_best(trainer.evaluate())
+        trainer.track_best(trainer.evaluate())
     trainer.fit()
     best_it = trainer.iteration
     if trainer.best is not None:  # the parameters of the best validation NLL

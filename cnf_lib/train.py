@@ -432,7 +432,7 @@ class Trainer:
         due = (cfg.eval_every and self.iteration % cfg.eval_every == 0) or last
         evaluated = bool(h["eval_iteration"]) and h["eval_iteration"][-1] == self.iteration
         if self.test_data is not None and due and not evaluated:
-            self._track_best(self.evaluate())
+            self.track_best(self.evaluate())
         elif self.test_data is None and due and self._grid_checked_at() != self.iteration:
             self._check_grid_on_training_points()
         gap, self._grid_gap_found = self._grid_gap_found, None
@@ -443,7 +443,14 @@ class Trainer:
         if self.checkpoint_path is not None and due and self._saved_at != self.iteration:
             self.save(self.checkpoint_path)
 
-    def _track_best(self, value: float) -> None:
+    def track_best(self, value: float) -> None:
+        """Offers ``value``, a held-out NLL of the current parameters, to ``keep_best``.
+
+        The trainer calls it after each evaluation; call it yourself (with :meth:`evaluate`) to make
+        the parameters before training a candidate (``fit_density`` does so for a fitted base). It
+        does nothing unless ``config.keep_best``; a value that does not beat the best so far counts
+        towards ``config.patience``.
+        """
         if not self.config.keep_best:
             return
         if self.best is None or value < self.best["nll"]:

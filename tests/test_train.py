@@ -486,6 +486,22 @@ def test_keep_best_and_patience_stop_early_and_resume_exactly(tmp_path: Path) ->
     with pytest.raises(ValueError, match="keep_best"):
         make_trainer(patience=2)
 
+def test_track_best_makes_the_starting_parameters_a_candidate_and_counts_towards_patience() -> None:
+    kw = dict(iterations=6, eval_every=2, keep_best=True, lr=0.3, lr_final=0.3)
+    trainer = make_trainer(**kw)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.track_best(-1e9)  # a value no evaluation beats: the parameters before training stay the best
+    trainer.fit()
+    assert trainer.best["iteration"] == 0 and trainer.best["nll"] == -1e9
+    assert all(torch.equal(trainer.best["state"][k], v) for k, v in start.items())
+    patient = make_trainer(**{**kw, "patience": 2})
+    patient.track_best(-1e9)
+    patient.fit()
+    assert patient.stopped_early and patient.iteration == 4  # two evaluations without improvement
+    unkept = make_trainer(iterations=2)
+    unkept.track_best(-1e9)
+    assert unkept.best is None  # without keep_best nothing is kept
+
 
 def test_data_far_from_unit_scale_gets_a_warning_that_says_what_to_do_at_the_users_line() -> None:
     from cnf_lib.matching import FlowMatching
