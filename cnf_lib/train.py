@@ -260,6 +260,8 @@ class Trainer:
             objective with a ``default_config(dim, **fields)`` method, such as
             :class:`~cnf_lib.matching.FlowMatching`, that method's).
         objective: what one iteration minimizes (default :class:`~cnf_lib.objectives.MaximumLikelihood`).
+            Above two dimensions :class:`~cnf_lib.matching.FlowMatching` ended closer to the truth at
+            the same CPU time on every set measured (benchmarks/RECIPE.md; the Performance appendix).
         checkpoint_path: where checkpoints are written (and read by :meth:`resume`).
         progress: show a tqdm bar with the loss, the NFE and the last held-out NLL.
 
