@@ -178,7 +178,8 @@ def _trace(tr: dict[str, Any]) -> list[str]:
 
 
 def _book(bk: dict[str, Any]) -> list[str]:
-    out = ["## The book's execution time (`bench_book.py`)", "", bk["note"] + ".", ""]
+    where = f"; read on {bk['date']}, the pages built on {bk['machine']['cpu']}" if "machine" in bk else ""
+    out = ["## The book's execution time (`bench_book.py`)", "", bk["note"] + where + ".", ""]
     if bk["pages"]:
         out += [table(["page", "seconds", "executed"],
                       [[p["page"], p["seconds"], p["executed"]] for p in bk["pages"]]

@@ -60,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(json_path):  # a partial run (--only) updates the other sections in place
         with open(json_path) as fh:
             results = json.load(fh)
-    results["machine"] = common.machine()
-    results["versions"] = common.versions(extra=("zuko",))
-    results["quick"] = args.quick
-    results["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine, versions = common.machine(), common.versions(extra=("zuko",))
+    if set(only) == set(SECTIONS) or "machine" not in results:
+        # the top-level record describes the last run of every section; a partial run (--only), perhaps on
+        # another machine, records its machine and versions in the sections it refreshed only
+        results["machine"], results["versions"] = machine, versions
+        results["quick"] = args.quick
+        results["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     start = time.perf_counter()
     for name in only:
         print(f"== {name}", flush=True)
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         section["seconds"] = time.perf_counter() - t0
         section["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
         section["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        section["machine"], section["versions"] = machine, versions
         results[name] = section
         with open(json_path, "w") as fh:  # after each section: an interrupted run keeps its work
             json.dump(results, fh, indent=1)
