@@ -135,15 +135,16 @@ def _peer(pr: dict[str, Any]) -> list[str]:
     ]
     rows, budget = [], []
     for s in pr["settings"]:
+        data = s["label"].split(",")[0]  # the budget table names a setting by its data: narrow enough for a page
         for lib in ("cnf_lib", "zuko"):
             t = s["timing"][lib]
             rows.append([s["label"], lib, t["wall"] * 1e3, t["cpu"] * 1e3, t["nfe_forward"], t["nfe_backward"],
                          t["wall_per_nfe"] * 1e3])
             b = s["budget"][lib]
-            budget.append([s["label"], lib, f"{s['budget_s']:.0f}", b["iterations"], b["test_nll"], b["gap"]])
+            budget.append([data, lib, f"{s['budget_s']:.0f}", b["iterations"], b["test_nll"], b["gap"]])
         if "own_recipe" in s:  # cnf_lib with Trainer's defaults, trained alone: its own time
             o = s["own_recipe"]
-            budget.append([s["label"], "cnf_lib defaults", f"{o['train_wall']:.0f}", o["iterations"],
+            budget.append([data, "cnf_lib defaults", f"{o['train_wall']:.0f}", o["iterations"],
                            o["test_nll"], o["gap"]])
         rows.append([s["label"], "**zuko / cnf_lib**", f"**{s['ratio_wall']:.2f}**", f"{s['ratio_cpu']:.2f}",
                      "", "", ""])
@@ -151,8 +152,9 @@ def _peer(pr: dict[str, Any]) -> list[str]:
                    "ms per NFE"], rows, 2), "",
             "Held-out NLL after the same wall-clock budget (exact trace, tolerance 1e-5, each library's "
             "own evaluation); the last row of each setting is cnf_lib with `Trainer`'s defaults (a fixed RK4 "
-            "grid, kinetic penalty, clipping), trained alone, with its own time in the budget column; gap = test "
-            "NLL − true NLL (" + "; ".join(f"{s['label']}: {s['true_nll']:.3f}" for s in pr["settings"]) + "):", "",
+            "grid, kinetic penalty, clipping), trained alone, with its own time in the budget column (settings as "
+            "above, named by their data); gap = test "
+            "NLL − true NLL (" + "; ".join(f"{s['label'].split(',')[0]}: {s['true_nll']:.3f}" for s in pr["settings"]) + "):", "",
             table(["setting", "library", "budget s", "iterations", "test NLL", "gap"], budget, 3), ""]
     return out
 
