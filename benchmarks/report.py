@@ -148,13 +148,14 @@ def _peer(pr: dict[str, Any]) -> list[str]:
                            o["test_nll"], o["gap"]])
         rows.append([s["label"], "**zuko / cnf_lib**", f"**{s['ratio_wall']:.2f}**", f"{s['ratio_cpu']:.2f}",
                      "", "", ""])
+    truth = [(s["label"].split(",")[0], s["true_nll"]) for s in pr["settings"]]
     out += [table(["setting", "library", "ms per iteration", "CPU ms", "NFE forward", "NFE backward",
                    "ms per NFE"], rows, 2), "",
             "Held-out NLL after the same wall-clock budget (exact trace, tolerance 1e-5, each library's "
             "own evaluation); the last row of each setting is cnf_lib with `Trainer`'s defaults (a fixed RK4 "
             "grid, kinetic penalty, clipping), trained alone, with its own time in the budget column (settings as "
             "above, named by their data); gap = test "
-            "NLL − true NLL (" + "; ".join(f"{s['label'].split(',')[0]}: {s['true_nll']:.3f}" for s in pr["settings"]) + "):", "",
+            "NLL − true NLL (" + "; ".join(f"{name}: {nll:.3f}" for name, nll in truth) + "):", "",
             table(["setting", "library", "budget s", "iterations", "test NLL", "gap"], budget, 3), ""]
     return out
 
